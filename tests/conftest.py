@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny synthetic IMDB archives and corpora written under tmp_path."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+# Set by .ci/run to ../shared/data/aclImdb_v1.tar.gz; tests that need the real archive skip without it.
+IMDB_ARCHIVE_ENV = "MINIGPT_TEST_IMDB_ARCHIVE"
+
+WORDS = "the movie was great bad plot actor film really good story not very boring fun".split()
+
+
+def review(i: int, n_words: int) -> str:
+    words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n_words)]
+    return " ".join(words).capitalize() + ". It's <br /><br />" + WORDS[i % len(WORDS)] + "!"
+
+
+def tiny_reviews(n_per_label: int = 6) -> dict[str, str]:
+    """member name -> text, in the official aclImdb layout."""
+    files = {}
+    for split in ("train", "test"):
+        for label, ratings in (("pos", (7, 8, 9, 10)), ("neg", (1, 2, 3, 4))):
+            for i in range(n_per_label):
+                text = review(i + (100 if split == "test" else 0) + (50 if label == "neg" else 0), 5 + 4 * i)
+                files[f"aclImdb/{split}/{label}/{i}_{ratings[i % 4]}.txt"] = text
+    for i in range(n_per_label):
+        files[f"aclImdb/train/unsup/{i}_0.txt"] = review(200 + i, 8 + i)
+    files["aclImdb/README"] = "tiny synthetic copy"
+    return files
+
+
+def write_tar(path: Path, files: dict[str, str | bytes], extra: list[tarfile.TarInfo] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode() if isinstance(text, str) else text
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Never touch the user's ~/.cache/minigpt from tests.
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def tiny_archive(tmp_path) -> Path:
+    return write_tar(tmp_path / "aclImdb_v1.tar.gz", tiny_reviews())
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    for name, text in tiny_reviews().items():
+        p = tmp_path / "extracted" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return tmp_path / "extracted" / "aclImdb"
+
+
+@pytest.fixture
+def tiny_text(tmp_path) -> Path:
+    """A few hundred characters of plain text: documents separated by blank lines."""
+    docs = [review(i, 6 + 3 * i) for i in range(12)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n\n".join(docs) + "\n")
+    return p
+
+
+@pytest.fixture
+def real_archive() -> Path:
+    path = os.environ.get(IMDB_ARCHIVE_ENV)
+    if not path or not Path(path).is_file():
+        pytest.skip(f"real IMDB archive not available: set {IMDB_ARCHIVE_ENV} to aclImdb_v1.tar.gz (.ci/run does)")
+    return Path(path)
