@@ -13,11 +13,20 @@ import json
 import logging
 import sys
 import time
+import warnings
 
+from importlib.resources import files
+from pathlib import Path
+
+import torch
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from minigpt.callbacks import GenerationCallback, GracefulInterrupt
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.sources import DataError
+from minigpt.lit_module import LitMiniGPT, load_checkpoint_file
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 OWN_COMMANDS = {
@@ -41,6 +50,114 @@ def _setup_logging() -> None:
     if not logger.handlers:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+# -- minigpt fit / validate / test --------------------------------------------------------------------
+def default_config() -> str:
+    """The recommended recipe, shipped inside the package (configs/imdb.yaml)."""
+    return str(files("minigpt.configs") / "imdb.yaml")
+
+
+class MiniGPTCLI(LightningCLI):
+    """LightningCLI with block/vocab size linked once, fixed checkpointing and same-folder resume."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.block_size", "model.config.block_size")
+        # The vocabulary is known only once the data is tokenized: link it at instantiation.
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{step}",
+            }
+        )
+        parser.add_lightning_class_args(GenerationCallback, "generation")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt:
+            cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
+            self._continue_in_same_version(cfg, Path(ckpt))
+            if self.subcommand in ("validate", "test"):
+                self._config_from_checkpoint(cfg, ckpt)
+
+    @staticmethod
+    def _continue_in_same_version(cfg, ckpt: Path) -> None:
+        """A resumed run logs into the checkpoint's lightning_logs/version_N, from its step on."""
+        logger = cfg["trainer"].get("logger")
+        if not isinstance(logger, dict | type(cfg)) or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+            return
+        version_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+        if version_dir is None or not version_dir.name.startswith("version_"):
+            return
+        init = logger["init_args"]
+        if init.get("version") is None:
+            init["save_dir"] = str(version_dir.parent.parent)
+            init["name"] = version_dir.parent.name
+            init["version"] = version_dir.name
+            # Drop events a killed run logged after this checkpoint: one continuous curve.
+            step = load_checkpoint_file(str(ckpt)).get("global_step")
+            if step:
+                init["purge_step"] = int(step) + 1
+
+    @staticmethod
+    def _config_from_checkpoint(cfg, ckpt: str) -> None:
+        """validate/test --ckpt_path: build the model (and data vocab) the checkpoint was trained with."""
+        hp = load_checkpoint_file(ckpt)
+        for key, value in (hp["hyper_parameters"].get("config") or {}).items():
+            if key not in ("vocab_size",):
+                cfg["model"]["config"][key] = value
+        data = (hp.get("minigpt") or {}).get("data") or {}
+        passed = {a.split("=")[0][len("--data.") :] for a in sys.argv if a.startswith("--data.")}
+        for key in ("source", "archive", "text_path", "min_freq", "max_size", "include_unsup", "val_fraction"):
+            if key in data and key not in passed:
+                cfg["data"][key] = data[key]
+        cfg["data"]["block_size"] = cfg["model"]["config"]["block_size"]
+
+
+def resolve_ckpt_path(ckpt: str, cfg) -> str:
+    """``last`` -> the newest lightning_logs/version_*/checkpoints/last.ckpt; else check the file."""
+    if ckpt in ("last", "best"):
+        logger = cfg["trainer"].get("logger") or {}
+        init = logger.get("init_args", {}) if hasattr(logger, "get") else {}
+        root = Path(init.get("save_dir") or cfg["trainer"].get("default_root_dir") or ".") / (
+            init.get("name") or "lightning_logs"
+        )
+        pattern = "last.ckpt" if ckpt == "last" else "best-*.ckpt"
+        found = sorted(root.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"--ckpt_path {ckpt}: no {pattern} under {root}/version_*/checkpoints/")
+        return str(found[-1])
+    load_checkpoint_file(ckpt)  # one clear line for a missing, empty, corrupt or foreign file
+    return ckpt
+
+
+def run_lightning_cli(command: str, argv: list[str]) -> None:
+    # `minigpt fit` alone runs the recommended recipe; a --config replaces it (never merges with it,
+    # which would leak the recipe's settings into e.g. seed.yaml).
+    if command == "fit" and not any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+        argv = ["--config", default_config(), *argv]
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    MiniGPTCLI(
+        LitMiniGPT,
+        IMDBDataModule,
+        args=[command, *argv],
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": ".", "name": "lightning_logs"},
+            },
+            "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulInterrupt()],
+            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        },
+    )
 
 
 # -- minigpt prepare ----------------------------------------------------------------------------------
@@ -95,8 +212,6 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         if command in LIGHTNING_COMMANDS:
-            from minigpt.lightning_cli import run_lightning_cli  # heavy imports only when training
-
             run_lightning_cli(command, rest)
         elif command == "prepare":
             prepare(rest)
