@@ -1,0 +1,214 @@
+"""Architecture hyper-parameters of minigpt's GPT, in one validated dataclass.
+
+`GPTConfig` is the only place where the model's sizes and switches are written. The defaults are the
+"seed" model of the PyTorch word-language-model tutorial that minigpt started from (a causal
+`nn.TransformerEncoder`); `GPTConfig.gpt2()` gives the flavour of Hugging Face's `GPT2LMHeadModel`.
+
+References: nanoGPT `model.py` (`GPTConfig`) and litgpt `litgpt/config.py` (`Config.__post_init__`).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+Positional = Literal["sinusoidal", "learned"]
+Activation = Literal["relu", "gelu", "gelu_tanh"]
+Head = Literal["linear", "adaptive"]
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of a GPT-style causal language model.
+
+    The defaults reproduce the tutorial's model except `vocab_size`, which has to come from the
+    vocabulary of the data (the CLI links it from the data module when it builds the model).
+    """
+
+    # Sizes
+    vocab_size: int = 0
+    """Number of token ids. 0 means "not set yet"; it must be set (from the data's vocabulary) before use."""
+    block_size: int = 30
+    """Longest context the model reads, in tokens (size of the position table and of the KV cache)."""
+    n_embd: int = 200
+    n_layer: int = 2
+    n_head: int = 2
+    d_ff: int = 2048
+    """Hidden width of the feed-forward block; 2048 is `nn.TransformerEncoderLayer`'s default."""
+
+    # Regularisation
+    dropout: float = 0.2
+    """Drop rate after the embeddings, on attention probabilities, in the MLP and on residual branches."""
+
+    # Transformer block
+    positional: Positional = "sinusoidal"
+    """"sinusoidal": the tutorial's fixed encoding (no parameters); "learned": a GPT-2 style `wpe` table."""
+    norm_first: bool = False
+    """False: post-norm like `nn.TransformerEncoderLayer` (the tutorial). True: pre-norm like GPT-2,
+    which also adds a final LayerNorm `ln_f` before the head."""
+    activation: Activation = "relu"
+    """"gelu_tanh" is GPT-2's tanh approximation of GELU ("gelu_new" in transformers)."""
+    scale_embedding: bool = True
+    """Multiply token embeddings by sqrt(n_embd), as the tutorial (and "Attention Is All You Need") does."""
+    bias: bool = True
+    """Biases in the attention/MLP linear layers and the LayerNorms."""
+    layer_norm_eps: float = 1e-5
+
+    # Output head
+    head: Head = "linear"
+    """"linear": a full `lm_head` over the vocabulary. "adaptive": `nn.AdaptiveLogSoftmaxWithLoss`
+    (Grave et al. 2017), exact normalised probabilities at a fraction of the cost for large vocabularies."""
+    tie_weights: bool = False
+    """Share the token embedding matrix with the linear head (not possible with the adaptive head)."""
+    lm_head_bias: bool = True
+    """Bias on the output layer: the tutorial's `nn.Linear` head has one, GPT-2's head does not."""
+    adaptive_cutoffs: tuple[int, ...] = (2000, 10000)
+    """Cluster boundaries of the adaptive head (ids are frequency-ordered, frequent first). Cutoffs at or
+    above `vocab_size` are dropped (see `adaptive_cutoffs_used`), so one recipe works for any vocabulary."""
+    adaptive_div_value: float = 4.0
+    """Each tail cluster projects to a width `div_value` times smaller than the previous one."""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.vocab_size) or self.vocab_size < 1:
+            raise ValueError(
+                f"vocab_size must be an integer >= 1, got {self.vocab_size!r}. It comes from the data's "
+                "vocabulary: the CLI links it from the data module; when building a config by hand, pass "
+                "vocab_size=len(vocab)."
+            )
+        for name in ("block_size", "n_embd", "n_layer", "n_head", "d_ff"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head gets "
+                f"n_embd // n_head features. Pick n_head among the divisors of {self.n_embd}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+        _check_literal("positional", self.positional, Positional)
+        _check_literal("activation", self.activation, Activation)
+        _check_literal("head", self.head, Head)
+        self._check_adaptive()
+
+    def _check_adaptive(self) -> None:
+        # YAML/JSON and dataclasses.asdict round trips may hand us a list; store a tuple either way.
+        cutoffs = self.adaptive_cutoffs
+        if isinstance(cutoffs, (str, bytes)) or not hasattr(cutoffs, "__iter__"):
+            raise ValueError(f"adaptive_cutoffs must be a sequence of integers, got {cutoffs!r}.")
+        self.adaptive_cutoffs = tuple(cutoffs)
+        if not self.adaptive_cutoffs or not all(_is_int(c) and c >= 1 for c in self.adaptive_cutoffs):
+            raise ValueError(f"adaptive_cutoffs must be a non-empty sequence of integers >= 1, got {cutoffs!r}.")
+        if any(a >= b for a, b in zip(self.adaptive_cutoffs, self.adaptive_cutoffs[1:])):
+            raise ValueError(f"adaptive_cutoffs must be strictly increasing, got {cutoffs!r}.")
+        if not self.adaptive_div_value > 0:
+            raise ValueError(f"adaptive_div_value must be > 0, got {self.adaptive_div_value!r}.")
+        if self.head != "adaptive":
+            return
+        if self.tie_weights:
+            raise ValueError(
+                "tie_weights=True cannot be combined with head='adaptive': the adaptive head has no single "
+                "(vocab_size, n_embd) output matrix to share with the token embedding. Set tie_weights=False "
+                "or use head='linear'."
+            )
+        used = self.adaptive_cutoffs_used
+        if not used:
+            raise ValueError(
+                f"head='adaptive' needs at least one adaptive cutoff below vocab_size={self.vocab_size}, "
+                f"got adaptive_cutoffs={self.adaptive_cutoffs}. Use smaller cutoffs for this small "
+                "vocabulary, or head='linear'."
+            )
+        for i in range(len(used)):
+            # Same width rule as nn.AdaptiveLogSoftmaxWithLoss; a width of 0 would be an empty projection.
+            width = int(self.n_embd // (self.adaptive_div_value ** (i + 1)))
+            if width < 1:
+                raise ValueError(
+                    f"adaptive tail cluster {i + 1} would have width n_embd // div_value**{i + 1} = {width} "
+                    f"(n_embd={self.n_embd}, adaptive_div_value={self.adaptive_div_value}). Use a smaller "
+                    "adaptive_div_value or fewer cutoffs."
+                )
+
+    # Derived values
+
+    @property
+    def head_size(self) -> int:
+        """Features per attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def adaptive_cutoffs_used(self) -> tuple[int, ...]:
+        """The adaptive cutoffs that fit the vocabulary (those below `vocab_size`)."""
+        return tuple(c for c in self.adaptive_cutoffs if c < self.vocab_size)
+
+    # Presets
+
+    @classmethod
+    def seed(cls, vocab_size: int = 0, block_size: int = 30, **overrides: Any) -> "GPTConfig":
+        """The tutorial's model: width 200, 2 post-norm layers of 2 heads, ReLU MLP of 2048, dropout 0.2,
+        sinusoidal positions, embeddings scaled by sqrt(200), untied linear head.
+
+        Args:
+            vocab_size: Size of the vocabulary (required in practice; 0 is rejected).
+            block_size: Context length.
+            **overrides: Any other `GPTConfig` field.
+        """
+        values: dict[str, Any] = dict(
+            n_embd=200, n_layer=2, n_head=2, d_ff=2048, dropout=0.2, positional="sinusoidal",
+            norm_first=False, activation="relu", scale_embedding=True, tie_weights=False, bias=True,
+            lm_head_bias=True, head="linear",
+        )  # fmt: skip
+        values.update(overrides)
+        return cls(vocab_size=vocab_size, block_size=block_size, **values)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "GPTConfig":
+        """A model small enough for unit tests on CPU (vocab 32, block 16, width 32, 2 layers of 4 heads)."""
+        values: dict[str, Any] = dict(
+            vocab_size=32, block_size=16, n_embd=32, n_layer=2, n_head=4, d_ff=64, dropout=0.0
+        )  # fmt: skip
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def gpt2(
+        cls,
+        vocab_size: int = 50257,
+        block_size: int = 1024,
+        n_embd: int = 768,
+        n_layer: int = 12,
+        n_head: int = 12,
+        **overrides: Any,
+    ) -> "GPTConfig":
+        """The architecture of Hugging Face's `GPT2LMHeadModel` (the defaults are GPT-2 small): pre-norm
+        with a final `ln_f`, tanh-GELU, learned positions, d_ff = 4 x n_embd, head tied to the token
+        embedding and without bias, no embedding scaling, dropout 0.1.
+
+        Args:
+            vocab_size: Size of the vocabulary.
+            block_size: Context length (GPT-2's `n_positions`).
+            n_embd: Width.
+            n_layer: Number of blocks.
+            n_head: Number of attention heads.
+            **overrides: Any other `GPTConfig` field.
+        """
+        values: dict[str, Any] = dict(
+            d_ff=4 * n_embd, dropout=0.1, positional="learned", norm_first=True, activation="gelu_tanh",
+            scale_embedding=False, tie_weights=True, bias=True, lm_head_bias=False, layer_norm_eps=1e-5,
+            head="linear",
+        )  # fmt: skip
+        values.update(overrides)
+        return cls(
+            vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+            **values,
+        )  # fmt: skip
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but `n_layer=True` is a mistake, not a size.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_literal(name: str, value: object, choices: object) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")

@@ -1,0 +1,126 @@
+import dataclasses
+
+import pytest
+
+from minigpt.config import GPTConfig
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            dict(vocab_size=0),
+            r"vocab_size must be an integer >= 1, got 0\. It comes from the data's vocabulary",
+        ),
+        (dict(vocab_size=-3), r"vocab_size must be an integer >= 1, got -3"),
+        (dict(block_size=0), r"block_size must be an integer >= 1, got 0"),
+        (dict(n_embd=0), r"n_embd must be an integer >= 1, got 0"),
+        (dict(n_layer=0), r"n_layer must be an integer >= 1, got 0"),
+        (dict(n_head=0), r"n_head must be an integer >= 1, got 0"),
+        (dict(d_ff=0), r"d_ff must be an integer >= 1, got 0"),
+        (dict(n_layer=2.5), r"n_layer must be an integer >= 1, got 2\.5"),
+        (dict(n_layer=True), r"n_layer must be an integer >= 1, got True"),
+        (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be divisible by n_head \(4\)"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1\.0"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0\.1"),
+        (dict(layer_norm_eps=0.0), r"layer_norm_eps must be > 0, got 0\.0"),
+        (dict(positional="rotary"), r"positional must be one of \('sinusoidal', 'learned'\), got 'rotary'"),
+        (dict(activation="swish"), r"activation must be one of \('relu', 'gelu', 'gelu_tanh'\), got 'swish'"),
+        (dict(head="softmax"), r"head must be one of \('linear', 'adaptive'\), got 'softmax'"),
+        (dict(adaptive_cutoffs=(8, 4)), r"adaptive_cutoffs must be strictly increasing, got \(8, 4\)"),
+        (dict(adaptive_cutoffs=(4, 4)), r"adaptive_cutoffs must be strictly increasing"),
+        (dict(adaptive_cutoffs=(0, 4)), r"adaptive_cutoffs must be a non-empty sequence of integers >= 1"),
+        (dict(adaptive_cutoffs=()), r"adaptive_cutoffs must be a non-empty sequence of integers >= 1"),
+        (dict(adaptive_cutoffs="8,16"), r"adaptive_cutoffs must be a sequence of integers, got '8,16'"),
+        (dict(adaptive_div_value=0.0), r"adaptive_div_value must be > 0, got 0\.0"),
+        (
+            dict(head="adaptive", tie_weights=True, adaptive_cutoffs=(8,)),
+            r"tie_weights=True cannot be combined with head='adaptive'",
+        ),
+        (
+            dict(head="adaptive", adaptive_cutoffs=(2000, 10000)),
+            r"head='adaptive' needs at least one adaptive cutoff below vocab_size=32, "
+            r"got adaptive_cutoffs=\(2000, 10000\)",
+        ),
+        (
+            dict(head="adaptive", adaptive_cutoffs=(8, 16), adaptive_div_value=8.0),
+            r"adaptive tail cluster 2 would have width n_embd // div_value\*\*2 = 0",
+        ),
+    ],
+)
+def test_bad_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig.tiny(**overrides)
+
+
+def test_default_config_needs_vocab_size():
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPTConfig()
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPTConfig.seed()
+
+
+def test_seed_preset_is_the_tutorial_model():
+    config = GPTConfig.seed(vocab_size=1000)
+    assert (config.vocab_size, config.block_size) == (1000, 30)
+    assert (config.n_embd, config.n_layer, config.n_head, config.d_ff, config.dropout) == (
+        200,
+        2,
+        2,
+        2048,
+        0.2,
+    )
+    assert config.positional == "sinusoidal" and config.activation == "relu" and config.head == "linear"
+    assert not config.norm_first and config.scale_embedding and not config.tie_weights
+    assert config.bias and config.lm_head_bias
+    assert config.head_size == 100
+    # The dataclass defaults are the seed model too, so a config file only states what differs.
+    assert GPTConfig(vocab_size=1000) == config
+    assert GPTConfig.seed(vocab_size=10, block_size=64, dropout=0.0).dropout == 0.0
+
+
+def test_tiny_preset():
+    config = GPTConfig.tiny()
+    assert (config.vocab_size, config.block_size, config.n_embd, config.n_layer, config.n_head) == (
+        32,
+        16,
+        32,
+        2,
+        4,
+    )
+    assert (config.d_ff, config.dropout, config.head_size) == (64, 0.0, 8)
+    assert GPTConfig.tiny(n_layer=1).n_layer == 1
+
+
+def test_gpt2_preset_matches_gpt2_small():
+    config = GPTConfig.gpt2()
+    assert (config.vocab_size, config.block_size, config.n_embd, config.n_layer, config.n_head) == (
+        50257,
+        1024,
+        768,
+        12,
+        12,
+    )
+    assert config.d_ff == 4 * 768 and config.dropout == 0.1 and config.layer_norm_eps == 1e-5
+    assert config.norm_first and config.activation == "gelu_tanh" and config.positional == "learned"
+    assert config.tie_weights and not config.scale_embedding and config.bias and not config.lm_head_bias
+    small = GPTConfig.gpt2(vocab_size=100, block_size=8, n_embd=16, n_layer=1, n_head=2)
+    assert small.d_ff == 64
+    assert GPTConfig.gpt2(n_embd=16, n_head=2, d_ff=20).d_ff == 20
+
+
+def test_asdict_round_trip_accepts_lists():
+    config = GPTConfig.tiny(head="adaptive", adaptive_cutoffs=(8, 16), positional="learned")
+    data = dataclasses.asdict(config)
+    assert GPTConfig(**data) == config
+    # YAML/JSON give lists back.
+    data["adaptive_cutoffs"] = [8, 16]
+    restored = GPTConfig(**data)
+    assert restored == config and restored.adaptive_cutoffs == (8, 16)
+
+
+def test_adaptive_cutoffs_are_clipped_to_the_vocabulary():
+    config = GPTConfig.tiny(vocab_size=5000, head="adaptive", adaptive_cutoffs=(2000, 10000))
+    assert config.adaptive_cutoffs == (2000, 10000)  # stored as given
+    assert config.adaptive_cutoffs_used == (2000,)
+    assert GPTConfig.tiny(vocab_size=20000, head="adaptive").adaptive_cutoffs_used == (2000, 10000)

@@ -1,0 +1,382 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import minigpt.model as model_module
+from minigpt.config import GPTConfig
+from minigpt.model import GPT, PAD_ID, lm_loss
+
+# ---------------------------------------------------------------------------------------------------------
+# The PyTorch tutorial's model ("Language Modeling with nn.Transformer"), as the fidelity reference, with
+# its head reading the encoder output (the fix minigpt makes) and batch-first layers.
+
+
+class TutorialPositionalEncoding(nn.Module):
+    def __init__(self, d_model: int, dropout: float = 0.1, max_len: int = 5000):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        position = torch.arange(max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, 1, d_model)
+        pe[:, 0, 0::2] = torch.sin(position * div_term)
+        pe[:, 0, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe)
+
+    def forward(self, x):  # (T, B, C)
+        x = x + self.pe[: x.size(0)]
+        return self.dropout(x)
+
+
+class TutorialModel(nn.Module):
+    def __init__(self, ntoken: int, d_model: int, nhead: int, d_hid: int, nlayers: int, dropout: float):
+        super().__init__()
+        self.d_model = d_model
+        self.pos_encoder = TutorialPositionalEncoding(d_model, dropout)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
+        self.embedding = nn.Embedding(ntoken, d_model)
+        self.linear = nn.Linear(d_model, ntoken)
+
+    def forward(self, src, src_key_padding_mask=None):  # (B, T)
+        x = self.embedding(src) * math.sqrt(self.d_model)
+        x = self.pos_encoder(x.transpose(0, 1)).transpose(0, 1)
+        mask = nn.Transformer.generate_square_subsequent_mask(src.size(1))
+        if src_key_padding_mask is not None:  # same float form as the causal mask
+            src_key_padding_mask = torch.zeros(src.shape).masked_fill(src_key_padding_mask, float("-inf"))
+        x = self.transformer_encoder(x, mask=mask, src_key_padding_mask=src_key_padding_mask)
+        return self.linear(x)
+
+
+def copy_tutorial_weights(model: GPT, ref: TutorialModel) -> None:
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(ref.embedding.weight)
+        model.lm_head.weight.copy_(ref.linear.weight)
+        model.lm_head.bias.copy_(ref.linear.bias)
+        for block, layer in zip(model.transformer.h, ref.transformer_encoder.layers):
+            block.attn.c_attn.weight.copy_(layer.self_attn.in_proj_weight)
+            block.attn.c_attn.bias.copy_(layer.self_attn.in_proj_bias)
+            block.attn.c_proj.weight.copy_(layer.self_attn.out_proj.weight)
+            block.attn.c_proj.bias.copy_(layer.self_attn.out_proj.bias)
+            block.mlp.c_fc.weight.copy_(layer.linear1.weight)
+            block.mlp.c_fc.bias.copy_(layer.linear1.bias)
+            block.mlp.c_proj.weight.copy_(layer.linear2.weight)
+            block.mlp.c_proj.bias.copy_(layer.linear2.bias)
+            for ours, theirs in ((block.ln_1, layer.norm1), (block.ln_2, layer.norm2)):
+                ours.weight.copy_(theirs.weight)
+                ours.bias.copy_(theirs.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: extra threads only add synchronisation, and on a busy 2-core machine
+    # oversubscribed threads made this file 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.tiny(**overrides)).eval()
+
+
+def random_ids(vocab_size: int, *shape: int, seed: int = 1) -> torch.Tensor:
+    # Ids from 2 up: 0 and 1 are <unk> and <pad> in minigpt's vocabularies.
+    return torch.randint(2, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(lengths: list[int], total: int, vocab_size: int, seed: int = 2):
+    """Ids, key padding mask and position ids for prompts of `lengths` left-padded to `total`."""
+    idx = random_ids(vocab_size, len(lengths), total, seed=seed)
+    pad = torch.arange(total)[None, :] < (total - torch.tensor(lengths))[:, None]  # (B, T)
+    idx[pad] = PAD_ID
+    positions = (torch.cumsum(~pad, dim=1) - 1).clamp(min=0)
+    return idx, pad, positions
+
+
+ARCHITECTURES = [
+    pytest.param(dict(positional="sinusoidal", norm_first=False), id="sinusoidal-postnorm"),
+    pytest.param(dict(positional="learned", norm_first=True, activation="gelu_tanh"), id="learned-prenorm"),
+    pytest.param(dict(positional="learned", norm_first=False, tie_weights=True), id="learned-postnorm-tied"),
+    pytest.param(
+        dict(positional="sinusoidal", norm_first=True, head="adaptive", adaptive_cutoffs=(8, 20)),
+        id="sinusoidal-prenorm-adaptive",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fidelity to the tutorial
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right-padded"])
+def test_seed_model_equals_tutorial_transformer_encoder(padded):
+    vocab_size, block_size = 500, 30
+    torch.manual_seed(0)
+    ref = TutorialModel(vocab_size, 200, 2, 2048, 2, dropout=0.2).eval()
+    model = GPT(GPTConfig.seed(vocab_size=vocab_size, block_size=block_size)).eval()
+    copy_tutorial_weights(model, ref)
+
+    idx = random_ids(vocab_size, 4, block_size)
+    pad = None
+    if padded:
+        lengths = torch.tensor([30, 17, 5, 1])
+        pad = torch.arange(block_size)[None, :] >= lengths[:, None]
+        idx[pad] = PAD_ID
+    with torch.no_grad():
+        expected = ref(idx, src_key_padding_mask=pad)
+        logits = model(idx, pad)
+    assert logits.shape == (4, block_size, vocab_size)
+    keep = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
+    torch.testing.assert_close(logits[keep], expected[keep], atol=1e-5, rtol=0)
+    assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masking
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_causality(arch):
+    model = make_model(**arch)
+    idx = random_ids(32, 2, 16)
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1 - 2) % 30 + 2
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(after[:, :9], before[:, :9], atol=1e-6, rtol=0)
+    assert not torch.allclose(after[:, 9:], before[:, 9:], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padding_does_not_change_non_pad_logits(arch):
+    model = make_model(**arch)
+    lengths = [16, 11, 4]
+    idx = random_ids(32, 3, 16)
+    right_pad = torch.arange(16)[None, :] >= torch.tensor(lengths)[:, None]
+    idx[right_pad] = PAD_ID
+    left_idx, left_pad, positions = left_padded(lengths, 16, 32)
+    with torch.no_grad():
+        right = model(idx, right_pad)
+        left = model(left_idx, left_pad, positions=positions)
+        for b, n in enumerate(lengths):
+            alone = model(idx[b : b + 1, :n])[0]
+            torch.testing.assert_close(right[b, :n], alone, atol=1e-5, rtol=0)
+            alone = model(left_idx[b : b + 1, 16 - n :])[0]
+            torch.testing.assert_close(left[b, 16 - n :], alone, atol=1e-5, rtol=0)
+    # A left-padded pad query sees no real key; it must still not produce NaN.
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss and training
+
+
+def test_initial_loss_is_close_to_log_vocab():
+    vocab_size = 500
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.seed(vocab_size=vocab_size, block_size=30)).eval()
+    idx, targets = random_ids(vocab_size, 8, 30, seed=3), random_ids(vocab_size, 8, 30, seed=4)
+    with torch.no_grad():
+        loss = model.loss(idx, targets).item()
+    # The LayerNorm output has unit variance and Xavier gives the head weights a variance of
+    # 2 / (V + C), so the logits have variance 2C / (V + C) = 0.57 here and the expected loss exceeds
+    # ln(V) by about half of that (0.29): near-uniform, but not exactly.
+    assert math.log(vocab_size) < loss < math.log(vocab_size) + 0.5
+
+
+def test_overfits_one_batch():
+    model = make_model().train()
+    idx = random_ids(32, 4, 16, seed=5)
+    targets = random_ids(32, 4, 16, seed=6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        loss = model.loss(idx, targets)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(), id="untied"),
+        pytest.param(dict(tie_weights=True, lm_head_bias=False, norm_first=True), id="tied-nobias"),
+        pytest.param(dict(bias=False, positional="learned"), id="learned-nobias"),
+    ],
+)
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(overrides, monkeypatch):
+    # 32 x 5 logits per chunk: 5 rows, so the 43 counted rows of this batch take 9 chunks (last one partial).
+    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", 32 * 5)
+    model = make_model(vocab_size=32, **overrides)
+    idx = random_ids(32, 3, 16, seed=7)
+    targets = random_ids(32, 3, 16, seed=8)
+    lengths = torch.tensor([16, 12, 16])
+    pad = torch.arange(16)[None, :] >= lengths[:, None]
+    idx[pad], targets[pad] = PAD_ID, PAD_ID
+    targets[2, 3] = PAD_ID  # an ignored target inside a sequence
+    params = dict(model.named_parameters())
+
+    plain = lm_loss(model(idx, pad), targets)
+    plain_grads = torch.autograd.grad(plain, list(params.values()))
+    chunked = model.loss(idx, targets, pad)
+    chunked_grads = torch.autograd.grad(chunked, list(params.values()))
+
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    for name, g_plain, g_chunked in zip(params, plain_grads, chunked_grads):
+        torch.testing.assert_close(g_chunked, g_plain, atol=1e-5, rtol=0, msg=f"gradient of {name}")
+
+    torch.testing.assert_close(model.loss(idx, targets, pad, chunk_size=7), plain, atol=1e-5, rtol=0)
+    nll_sum, count = model.loss_sum_and_count(idx, targets, pad)
+    assert count.item() == (targets != PAD_ID).sum().item() == 43
+    torch.testing.assert_close(nll_sum / count, plain, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the no-grad path skips the gradient products but gives the same loss
+        torch.testing.assert_close(model.loss(idx, targets, pad), plain.detach(), atol=1e-5, rtol=0)
+
+
+def test_loss_with_no_counted_target_is_zero():
+    model = make_model()
+    idx = random_ids(32, 2, 8)
+    targets = torch.full_like(idx, PAD_ID)
+    loss = model.loss(idx, targets)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert model.lm_head.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adaptive softmax head
+
+
+def test_adaptive_head_log_probabilities_and_loss():
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20))
+    idx = random_ids(32, 3, 16, seed=9)
+    targets = random_ids(32, 3, 16, seed=10)
+    targets[1, 10:] = PAD_ID
+    log_probs = model(idx)
+    assert log_probs.shape == (3, 16, 32)
+    # Normalised over the whole vocabulary, so its softmax is itself.
+    torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(3, 16), atol=1e-5, rtol=0)
+
+    params = list(model.parameters())
+    plain = lm_loss(log_probs, targets)
+    plain_grads = torch.autograd.grad(plain, params)
+    fast = model.loss(idx, targets)
+    fast_grads = torch.autograd.grad(fast, params)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    for g_fast, g_plain in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=0)
+    assert not hasattr(model, "lm_head")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_kv_cache_equals_full_forward(arch, padded):
+    model = make_model(**arch)
+    total, prompt = 14, 6
+    if padded:
+        idx, pad, positions = left_padded([6, 3, 1], total, 32)
+        # Only the prompt is padded; generated tokens follow the real ones.
+        idx[:, prompt:] = random_ids(32, 3, total - prompt, seed=11)
+        pad[:, prompt:] = False
+        positions = (torch.cumsum(~pad, dim=1) - 1).clamp(min=0)
+    else:
+        idx, pad, positions = random_ids(32, 3, total, seed=12), None, None
+
+    with torch.no_grad():
+        full = model(idx, pad, positions=positions)
+        cache = model.new_cache(3)
+        steps = [(0, prompt), (prompt, prompt + 3)] + [(t, t + 1) for t in range(prompt + 3, total)]
+        pieces = []
+        for a, b in steps:  # prefill, a chunk of 3 at an offset, then one token at a time
+            piece_pad = None if pad is None or not pad[:, a:b].any() else pad[:, a:b]
+            piece_pos = None if positions is None else positions[:, a:b]
+            pieces.append(model(idx[:, a:b], piece_pad, positions=piece_pos, cache=cache))
+            assert cache.pos == b
+    cached = torch.cat(pieces, dim=1)
+    keep = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
+    torch.testing.assert_close(cached[keep], full[keep], atol=1e-5, rtol=0)
+    assert torch.isfinite(cached).all()
+
+
+def test_kv_cache_rejects_overflow_and_wrong_batch():
+    model = make_model()
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model(random_ids(32, 2, 12), cache=cache)
+        with pytest.raises(ValueError, match="Cannot forward sequence of length 5 at cache position 12"):
+            model(random_ids(32, 2, 5), cache=cache)
+        with pytest.raises(ValueError, match="The cache holds 2 sequences but idx has 3"):
+            model(random_ids(32, 3, 1), cache=cache)
+    cache.reset()
+    assert cache.pos == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Structure
+
+
+def test_tied_weights_share_one_tensor():
+    model = make_model(tie_weights=True)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untied = make_model()
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    # The shared matrix counts once.
+    assert untied.num_parameters() - model.num_parameters() == 32 * 32
+    assert model.num_parameters(exclude_embeddings=True) == model.num_parameters()
+    assert untied.num_parameters(exclude_embeddings=True) == untied.num_parameters() - 32 * 32
+
+
+def test_gpt2_flavour_parameter_names():
+    model = GPT(GPTConfig.gpt2(vocab_size=50, block_size=8, n_embd=16, n_layer=2, n_head=2))
+    names = set(model.state_dict())
+    for name in (
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.1.ln_1.weight",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.1.attn.c_proj.bias",
+        "transformer.h.1.ln_2.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.weight",
+        "lm_head.weight",
+    ):
+        assert name in names
+    assert "lm_head.bias" not in names
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (48, 16)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (64, 16)
+    # The sinusoidal table is rebuilt at init, not stored.
+    assert not any("sinusoidal" in name for name in GPT(GPTConfig.tiny()).state_dict())
+
+
+def test_init_is_xavier_uniform():
+    model = make_model()
+    weight = model.lm_head.weight  # (32, 32): bound sqrt(6 / 64)
+    assert weight.abs().max() <= math.sqrt(6 / 64)
+    assert weight.std() > 0.5 * math.sqrt(2 / 64)
+    assert torch.all(model.lm_head.bias == 0) and torch.all(model.transformer.h[0].ln_1.weight == 1)
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="Cannot forward sequence of length 17, block_size is only 16"):
+        model(random_ids(32, 1, 17))
+    with pytest.raises(ValueError, match="Cannot forward position 16, block_size is only 16"):
+        model(random_ids(32, 1, 4), positions=torch.arange(13, 17))
+    with pytest.raises(ValueError, match="key_padding_mask must have the shape of idx"):
+        model(random_ids(32, 2, 4), torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        model(random_ids(32, 2, 4), torch.zeros(2, 4))
