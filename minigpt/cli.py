@@ -31,6 +31,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 OWN_COMMANDS = {
     "prepare": "download (if asked), tokenize and cache the data; print what a run will see",
     "plot": "draw a run's train/validation loss curves from its TensorBoard files into a PNG",
+    "generate": "continue prompts with a trained checkpoint (greedy, temperature, top-k, top-p)",
 }
 
 
@@ -215,6 +216,86 @@ def plot(argv: list[str]) -> None:
     print(plot_run(run_dir, args.out))
 
 
+# -- minigpt generate ---------------------------------------------------------------------------------
+def generate(argv: list[str]) -> None:
+    from minigpt.generation import check_sampling, encode_prompt, stream
+    from minigpt.lit_module import load_model
+
+    p = ArgumentParser(prog="minigpt generate", description=OWN_COMMANDS["generate"], exit_on_error=False)
+    p.add_argument("--ckpt_path", required=True, help="a minigpt checkpoint (vocab and config are inside)")
+    p.add_argument("--prompt", action="append", default=None, help="text to continue (repeat for several)")
+    p.add_argument("--prompt_file", default=None, help="a UTF-8 file with one prompt per line")
+    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int | None, default=50, help="keep the k most likely tokens (null = all)")
+    p.add_argument("--top_p", type=float | None, default=0.95, help="nucleus sampling threshold (null = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are chosen")
+    p.add_argument("--raw", action="store_true", help="print tokens separated by spaces, untidied")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt and sample")
+    a = p.parse_args(argv)
+    check_sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty)
+    if a.num_samples < 1 or a.max_new_tokens < 1:
+        raise UserError("--num_samples and --max_new_tokens must be >= 1")
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        try:
+            prompts += [line for line in Path(a.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read --prompt_file {a.prompt_file}: {err}") from err
+        if not prompts:
+            raise UserError(f"--prompt_file {a.prompt_file} holds no prompt (it is empty)")
+    if not prompts:
+        raise UserError("give a prompt: --prompt TEXT or --prompt_file FILE")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(a.ckpt_path, map_location=device)
+    encoded = [encode_prompt(tokenizer, text, block_size=model.config.block_size) for text in prompts]
+    generator = torch.Generator(device=device).manual_seed(a.seed)
+    for text, ids in zip(prompts, encoded):
+        batch = [ids] * a.num_samples  # rows sample independently from one generator
+        t0 = time.perf_counter()
+        tokens: list[list[int]] = [[] for _ in batch]
+        stops = ["length"] * len(batch)
+        if a.stream and not a.json:
+            print(text, end="", flush=True)
+        for step in stream(
+            model, batch, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+            top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop_ids=(tokenizer.eot_index,),
+            generator=generator,
+        ):  # fmt: skip
+            for i, tok in enumerate(step):
+                if tok is None:
+                    continue
+                if tok == tokenizer.eot_index:
+                    stops[i] = "eos"
+                    continue
+                if a.stream and not a.json and i == 0 and a.num_samples == 1:
+                    print(_continuation(tokenizer, tokens[i], tok, raw=a.raw), end="", flush=True)
+                tokens[i].append(tok)
+        seconds = time.perf_counter() - t0
+        for i, toks in enumerate(tokens):
+            out = tokenizer.decode(toks, tidy=not a.raw)
+            if a.json:
+                record = {"prompt": text, "sample": i, "text": out, "tokens": toks, "stop_reason": stops[i]}
+                record["tokens_per_s"] = round(sum(map(len, tokens)) / max(seconds, 1e-9), 2)
+                print(json.dumps(record))
+            elif a.stream and a.num_samples == 1:
+                print()
+            else:
+                print(f"{text} {out}" if a.num_samples == 1 else f"[{i}] {text} {out}")
+
+
+def _continuation(tokenizer, previous: list[int], token: int, *, raw: bool) -> str:
+    """The text one more token adds to a tidied decode (what --stream prints)."""
+    if raw:
+        return " " + tokenizer.decode([token])
+    before = tokenizer.decode(previous, tidy=True)
+    after = tokenizer.decode([*previous, token], tidy=True)
+    return after[len(before) :] if previous else " " + after
+
+
 # -- entry point -------------------------------------------------------------------------------------
 def _usage() -> str:
     lines = ["usage: minigpt {fit,validate,test," + ",".join(OWN_COMMANDS) + "} ...", ""]
@@ -223,8 +304,13 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"minigpt: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
@@ -237,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             prepare(rest)
         elif command == "plot":
             plot(rest)
+        elif command == "generate":
+            generate(rest)
         else:
             _fail(f"unknown command {command!r}; run 'minigpt --help' for the list")
     except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError) as err:

@@ -140,3 +140,76 @@ def test_bad_input_is_one_line_and_exit_2(args, message, corpus, run_here, capsy
     assert err[-1].startswith("minigpt: error:") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not (run_here / "lightning_logs").exists()  # nothing written
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint trained for a few steps by `minigpt fit` (shared by the generate tests)."""
+    import os
+
+    root = tmp_path_factory.mktemp("gen")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(review(i, 12 + (i % 5) * 4) for i in range(60)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        fit(corpus, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4")
+    finally:
+        os.chdir(cwd)
+    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_generate_json_and_reproducible(tiny_ckpt, capsys):
+    args = ["generate", "--ckpt_path", str(tiny_ckpt), "--prompt", "the movie was", "--max_new_tokens", "6",
+            "--num_samples", "2", "--seed", "3", "--json"]  # fmt: skip
+    main(args)
+    first = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(first) == 2 and {r["sample"] for r in first} == {0, 1}
+    for r in first:
+        assert r["prompt"] == "the movie was" and r["stop_reason"] in ("eos", "length")
+        assert len(r["tokens"]) <= 6 and isinstance(r["text"], str) and r["tokens_per_s"] > 0
+    main(args)
+    again = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["tokens"] for r in again] == [r["tokens"] for r in first]  # same seed, same text
+
+
+def test_generate_stream_prints_the_same_text(tiny_ckpt, capsys):
+    base = ["generate", "--ckpt_path", str(tiny_ckpt), "--prompt", "the movie was", "--max_new_tokens", "8",
+            "--temperature", "0"]  # fmt: skip
+    main(base)
+    plain = capsys.readouterr().out.strip()
+    main([*base, "--stream"])
+    assert capsys.readouterr().out.strip() == plain
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "   "], "empty"),
+        (["--prompt", "a", "--temperature", "-1"], "temperature"),
+        (["--prompt", "a", "--top_k", "0"], "top_k"),
+        (["--prompt", "a", "--top_p", "0"], "top_p"),
+        (["--prompt", "a", "--top_p", "1.5"], "top_p"),
+        (["--prompt", "a", "--repetition_penalty", "0"], "repetition_penalty"),
+        (["--prompt_file", "/no/such/prompts.txt"], "cannot read"),
+        ([], "give a prompt"),
+    ],
+)
+def test_generate_bad_input(tiny_ckpt, extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt_path", str(tiny_ckpt), *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minigpt: error:") and message in err[0]
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a zip file at all"])
+def test_generate_bad_checkpoint(tmp_path, content, capsys):
+    path = tmp_path / "model.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt_path", str(path), "--prompt", "the movie"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0]

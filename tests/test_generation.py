@@ -1,0 +1,397 @@
+"""Tests of minigpt.generation: prompts, one-step sampling, the decoding loop, KV cache and streaming.
+
+Models are tiny and randomly initialised (seeded); greedy continuations are checked to be non-constant
+where a comparison would otherwise be trivial.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from minigpt import tokenizer as tokenizer_module
+from minigpt.config import GPTConfig
+from minigpt.generation import (
+    EOT_ID,
+    DecodeHead,
+    GenerationResult,
+    check_sampling,
+    encode_prompt,
+    generate,
+    generate_text,
+    sample_next,
+    stream,
+)
+from minigpt.model import GPT
+from minigpt.tokenizer import Vocab
+
+WORDS = ["the", "movie", "was", "great", ".", "it", "'", "s", "a", "film", "bad", "plot", "!", ","]
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    """A tiny GPT (vocab 32, block 16) with seeded random weights.
+
+    The matrices are redrawn from N(0, 0.5^2): with the model's small Xavier init, greedy decoding of an
+    untrained model tends to repeat one token, which would make cache/batch comparisons trivial.
+    """
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.tiny(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture
+def vocab() -> Vocab:
+    return Vocab(list(tokenizer_module.SPECIALS) + WORDS)
+
+
+def greedy(model: GPT, prompts, n: int, **kwargs) -> list[list[int]]:
+    kwargs.setdefault("stop_ids", None)
+    return [r.tokens for r in generate(model, prompts, max_new_tokens=n, temperature=0, **kwargs)]
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   ", "\n\t "])
+def test_empty_prompt_raises(vocab, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        encode_prompt(vocab, prompt, block_size=8)
+
+
+def test_prompt_without_tokens_raises(vocab):
+    # basic_english drops ';', ':' and '"': nothing is left to continue.
+    with pytest.raises(ValueError, match="no tokens"):
+        encode_prompt(vocab, ';; : "', block_size=8)
+
+
+def test_prompt_encodes_without_warning(vocab):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids = encode_prompt(vocab, "The movie was great.", block_size=8)
+    assert ids == vocab.encode("the movie was great .")
+
+
+def test_long_prompt_keeps_last_block_size_tokens_and_warns_once(vocab):
+    text = "the movie was great . it was a bad film !"
+    with pytest.warns(UserWarning, match=r"11 tokens.*block_size=4.*last 4") as record:
+        ids = encode_prompt(vocab, text, block_size=4)
+    assert len(record) == 1
+    assert ids == vocab.encode(text)[-4:]
+
+
+def test_unknown_words_reported_once_by_name(vocab):
+    with pytest.warns(UserWarning, match=r"2 prompt word\(s\).*'zebra', 'quux'") as record:
+        ids = encode_prompt(vocab, "the zebra was quux zebra", block_size=8)
+    assert len(record) == 1
+    assert ids == [vocab.stoi["the"], 0, vocab.stoi["was"], 0, 0]
+
+
+def test_many_unknown_words_are_truncated_in_the_warning(vocab):
+    words = [f"w{i}" for i in range(15)]
+    with pytest.warns(UserWarning, match=r"15 prompt word\(s\).*'w9' and 5 more\.$"):
+        encode_prompt(vocab, " ".join(words), block_size=32)
+
+
+# -- one sampling step -------------------------------------------------------------------------------
+
+
+def draw(logits: torch.Tensor, n: int = 4000, seed: int = 0, **kwargs) -> torch.Tensor:
+    """n independent draws from one row of scores (the row repeated as a batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return sample_next(logits.expand(n, -1), generator=g, **kwargs)
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    expected = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, temperature=0), expected)
+    assert torch.equal(sample_next(logits, temperature=0, top_k=3, top_p=0.5), expected)
+
+
+def test_top_k_one_is_argmax():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(2))
+    assert set(draw(logits, 500, top_k=1).tolist()) == {int(logits.argmax())}
+
+
+def test_top_k_ties_do_not_let_extra_tokens_through():
+    # Every score ties: masking `logits < k-th value` (nanoGPT) would keep all 8 tokens.
+    tied = torch.zeros(1, 8)
+    assert len(set(draw(tied, top_k=3).tolist())) == 3
+    # A tie across the k-th place: 1 winner + 3 tied for the 2 remaining places.
+    logits = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0]])
+    seen = set(draw(logits, top_k=3).tolist())
+    assert len(seen) == 3 and 0 in seen and seen <= {0, 1, 2, 3}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.0625, 0.25, 0.5, 0.125, 0.0625])  # best first: 2, 1, 3, then 0 and 4
+    logits = probs.log()[None]
+    assert set(draw(logits, top_p=0.4).tolist()) == {2}  # 0.5 alone reaches 0.4
+    assert set(draw(logits, top_p=0.7).tolist()) == {2, 1}  # 0.5 < 0.7 <= 0.75
+    assert set(draw(logits, top_p=0.8).tolist()) == {2, 1, 3}  # 0.75 < 0.8 <= 0.875
+    assert set(draw(logits, top_p=1.0).tolist()) == {0, 1, 2, 3, 4}
+    assert set(draw(logits, top_p=1e-9).tolist()) == {2}  # never empty
+
+
+def test_top_p_renormalises_over_the_kept_tokens():
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    ids = draw(logits, 20000, top_p=0.7)  # keeps {0, 1} or {0, 2}: 2 of the 3 tokens
+    counts = torch.bincount(ids, minlength=3).float() / ids.numel()
+    assert (counts > 0).sum() == 2
+    assert counts[0].item() == pytest.approx(2 / 3, abs=0.02)
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    freq = {t: (draw(logits, 20000, temperature=t) == 0).float().mean().item() for t in (0.25, 1.0, 4.0)}
+    p1 = torch.softmax(logits, -1)[0, 0].item()
+    assert freq[1.0] == pytest.approx(p1, abs=0.02)
+    assert freq[0.25] > freq[1.0] + 0.2 > freq[4.0] + 0.2
+
+
+def test_same_generator_seed_same_draws():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    a = sample_next(logits, generator=torch.Generator().manual_seed(7))
+    b = sample_next(logits, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_repetition_penalty_matches_the_hugging_face_rule():
+    logits = torch.tensor([[2.0, 1.5, -1.0, -1.2, 0.0]])
+    prev = torch.tensor([[0, 2, 0]])  # token 0 seen twice: penalised once, like HF
+    # 2.0 / 2 = 1.0 < 1.5: the seen best token loses its place.
+    assert sample_next(logits, temperature=0, repetition_penalty=2.0, prev_ids=prev).item() == 1
+    assert sample_next(logits, temperature=0, repetition_penalty=1.0, prev_ids=prev).item() == 0
+    # Negative scores are multiplied: -1.0 * 2 = -2.0 is now below -1.2.
+    only_negative = torch.tensor([[-1.0, -1.2]])
+    assert sample_next(only_negative, temperature=0, repetition_penalty=2.0, prev_ids=torch.tensor([[0]])) == 1
+    # The exact distribution: penalised scores, then softmax.
+    penalised = torch.tensor([1.0, 1.5, -2.0, -1.2, 0.0])
+    ids = draw(logits, 40000, repetition_penalty=2.0, prev_ids=prev.expand(40000, -1))
+    freq = torch.bincount(ids, minlength=5).float() / ids.numel()
+    assert torch.allclose(freq, penalised.softmax(-1), atol=0.01)
+
+
+def test_repetition_penalty_below_one_encourages_repeats():
+    logits = torch.tensor([[2.0, 1.5]])
+    assert sample_next(logits, temperature=0, repetition_penalty=0.5, prev_ids=torch.tensor([[1]])) == 1
+
+
+BAD_SAMPLING = [
+    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "1"),
+    ("top_k", 0), ("top_k", -3), ("top_k", 2.5), ("top_k", True),
+    ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.01), ("top_p", math.nan),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_SAMPLING)
+def test_invalid_sampling_values_raise(name, value):
+    match = rf"{name} must be .*got {repr(value)[:4]}"
+    with pytest.raises(ValueError, match=match):
+        check_sampling(**{name: value})
+    with pytest.raises(ValueError, match=match):
+        sample_next(torch.zeros(1, 5), **{name: value})
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        generate(model, [3, 4], max_new_tokens=2, **{name: value})
+    with pytest.raises(ValueError, match=match):
+        stream(model, [3, 4], **{name: value})  # at the call, not at the first step
+
+
+def test_valid_edge_values_are_accepted():
+    check_sampling(temperature=0, top_k=1, top_p=1.0, repetition_penalty=1e-3)
+    check_sampling(temperature=100.0, top_k=10**9, top_p=1e-6, repetition_penalty=50)
+
+
+@pytest.mark.parametrize(
+    ("prompt_ids", "kwargs", "match"),
+    [
+        ([], {}, "non-empty list"),
+        ([[3, 4], []], {}, "prompt 1 of the batch is empty"),
+        ([3, 32], {}, r"32, not a token id .*\[0, 32\)"),
+        ([3, -1], {}, "-1, not a token id"),
+        ("the movie", {}, "list of token ids"),
+        ([3], {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ],
+)
+def test_invalid_loop_arguments_raise(prompt_ids, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(make_model(), prompt_ids, **kwargs)
+
+
+# -- the loop, the KV cache, batches -----------------------------------------------------------------
+
+ARCHITECTURES = {
+    "sinusoidal-postnorm": dict(positional="sinusoidal", norm_first=False),
+    "learned-postnorm": dict(positional="learned", norm_first=False),
+    "sinusoidal-prenorm": dict(positional="sinusoidal", norm_first=True),
+    "learned-prenorm-tied-gpt2": dict(
+        positional="learned", norm_first=True, tie_weights=True, lm_head_bias=False, activation="gelu_tanh",
+        scale_embedding=False,
+    ),
+    "adaptive-head": dict(head="adaptive", adaptive_cutoffs=(8, 16)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_kv_cache_is_identical_to_recompute_past_block_size(arch):
+    model = make_model(**ARCHITECTURES[arch])  # block_size 16
+    prompt = [5, 9, 3, 12, 7]
+    n = 40  # 45 tokens: the window slides for 29 steps
+    cached = greedy(model, prompt, n, use_cache=True)[0]
+    naive = greedy(model, prompt, n, use_cache=False)[0]
+    assert len(cached) == n
+    assert len(set(cached)) > 2, f"greedy output too trivial to compare: {cached}"
+    assert torch.equal(torch.tensor(cached), torch.tensor(naive))  # atol=0 on ids
+
+
+@pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head"])
+def test_kv_cache_with_prompt_longer_than_block_size(arch):
+    model = make_model(**ARCHITECTURES[arch])
+    prompt = torch.randint(3, 32, (23,), generator=torch.Generator().manual_seed(5)).tolist()
+    cached = greedy(model, prompt, 10, use_cache=True)[0]
+    assert cached == greedy(model, prompt, 10, use_cache=False)[0]
+    # Only the last block_size prompt tokens matter, as in the tutorial.
+    assert cached == greedy(model, prompt[-16:], 10)[0]
+
+
+@pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_prompts_equal_one_at_a_time(arch, use_cache):
+    model = make_model(**ARCHITECTURES[arch])
+    prompts = [[4], [5, 9, 3, 12, 7, 20, 6], [30, 2, 11], [8, 8, 17, 3, 25, 19, 14, 10, 22, 6, 1, 13]]
+    n = 12  # the 12-token prompt passes block_size 16 after 5 steps, the 1-token one never does
+    batched = greedy(model, prompts, n, use_cache=use_cache)
+    alone = [greedy(model, p, n, use_cache=use_cache)[0] for p in prompts]
+    assert batched == alone
+    assert len({tuple(t) for t in alone}) == len(prompts)
+
+
+def test_batched_sampling_is_reproducible_and_rows_differ():
+    model = make_model()
+    prompts = [[5, 6, 7]] * 4
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [r.tokens for r in generate(model, prompts, max_new_tokens=15, generator=g, stop_ids=None)]
+
+    a = run(0)
+    assert a == run(0)
+    assert len({tuple(t) for t in a}) > 1  # the same prompt, independent draws
+
+
+def test_same_seed_same_text_different_seed_different_text():
+    model = make_model()
+
+    def run(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, [5, 6, 7], max_new_tokens=20, generator=g, stop_ids=None, **kw)[0].tokens
+
+    assert run(0) == run(0)
+    assert run(0, top_k=5, top_p=0.9, temperature=0.8) == run(0, top_k=5, top_p=0.9, temperature=0.8)
+    assert len({tuple(run(seed)) for seed in range(5)}) > 1
+
+
+def test_eot_stops_generation_by_default():
+    model = make_model(vocab_size=32)
+    assert EOT_ID == tokenizer_module.EOT_ID
+    with torch.no_grad():
+        model.lm_head.bias[EOT_ID] = 100.0  # <|endoftext|> wins every step
+    (result,) = generate(model, [5, 6, 7], max_new_tokens=10, temperature=0)
+    assert result == GenerationResult(tokens=[], stop_reason="eos")
+    (result,) = generate(model, [5, 6, 7], max_new_tokens=10, temperature=0.7, top_k=5)
+    assert result.stop_reason == "eos" and result.tokens == []
+    (result,) = generate(model, [5, 6, 7], max_new_tokens=4, temperature=0, stop_ids=None)
+    assert result == GenerationResult(tokens=[EOT_ID] * 4, stop_reason="length")
+
+
+def test_configurable_stop_ids_end_each_row_at_its_own_step():
+    model = make_model()
+    prompts = [[5, 9, 3], [30, 2, 11]]
+    full = greedy(model, prompts, 20)
+    stop = full[0][3]  # a token row 0 produces at step 3
+    results = generate(model, prompts, max_new_tokens=20, temperature=0, stop_ids=[stop])
+    for result, tokens in zip(results, full):
+        cut = tokens.index(stop) if stop in tokens else len(tokens)
+        assert result.tokens == tokens[:cut]
+        assert result.stop_reason == ("eos" if stop in tokens else "length")
+    assert results[0].stop_reason == "eos" and len(results[0].tokens) <= 3
+
+
+def test_stream_yields_the_tokens_of_generate_step_by_step():
+    model = make_model()
+    prompts = [[5, 9, 3], [30, 2, 11, 4]]
+    stop = greedy(model, prompts, 20)[1][5]
+    kwargs = dict(max_new_tokens=20, temperature=0, stop_ids=[stop])
+    steps = list(stream(model, prompts, **kwargs))
+    results = generate(model, prompts, **kwargs)
+    for row, result in enumerate(results):
+        column = [step[row] for step in steps]
+        chosen = [t for t in column if t is not None]
+        if result.stop_reason == "eos":
+            assert chosen == result.tokens + [stop]  # the stop token is yielded, then only None
+        else:
+            assert chosen == result.tokens
+        assert column[: len(chosen)] == chosen and all(t is None for t in column[len(chosen) :])
+
+
+def test_stream_is_lazy_and_restores_the_model():
+    model = make_model()
+    model.train()
+    calls = []
+    model.transformer.h[0].register_forward_hook(lambda *args: calls.append(1))
+    steps = stream(model, [5, 9, 3], max_new_tokens=5, temperature=0, stop_ids=None)
+    assert calls == []
+    first = next(steps)
+    assert len(calls) == 1 and len(first) == 1 and isinstance(first[0], int)
+    assert not model.training  # eval mode while generating
+    assert not torch.is_inference_mode_enabled()  # the caller's code between steps is not affected
+    assert len(list(steps)) == 4 and len(calls) == 5
+    assert model.training  # restored when the stream ends
+
+
+def test_generate_restores_mode_and_leaves_weights_alone():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    generate(model, [5, 9], max_new_tokens=5)
+    assert model.training
+    model.eval()
+    generate(model, [5, 9], max_new_tokens=5)
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("vocab_size", "bias"), [(32, True), (33, True), (33, False)])
+def test_decode_head_equals_the_model_head(vocab_size, bias):
+    model = make_model(vocab_size=vocab_size, lm_head_bias=bias)
+    head = DecodeHead(model, 1)
+    assert head.weight is not None  # the CPU float32 path is the one under test
+    h = torch.randn(1, model.config.n_embd)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(h), model.head_logits(h))
+
+
+# -- text --------------------------------------------------------------------------------------------
+
+
+def test_generate_text_decodes_tidy_or_raw(vocab):
+    model = make_model(vocab_size=len(vocab))
+    kwargs = dict(max_new_tokens=12, temperature=0)
+    ids = encode_prompt(vocab, "the movie was", block_size=16)
+    (result,) = generate(model, ids, stop_ids=[vocab.eot_index], **kwargs)
+    assert result.tokens, "the continuation should not be empty"
+    raw = generate_text(model, vocab, "The movie was", raw=True, **kwargs)
+    tidy = generate_text(model, vocab, "The movie was", **kwargs)
+    assert raw == vocab.decode(result.tokens)
+    assert tidy == vocab.decode(result.tokens, tidy=True)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate_text(model, vocab, "  ", **kwargs)
