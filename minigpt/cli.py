@@ -17,6 +17,7 @@ import warnings
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -32,6 +33,7 @@ OWN_COMMANDS = {
     "prepare": "download (if asked), tokenize and cache the data; print what a run will see",
     "plot": "draw a run's train/validation loss curves from its TensorBoard files into a PNG",
     "generate": "continue prompts with a trained checkpoint (greedy, temperature, top-k, top-p)",
+    "evaluate": "score a checkpoint on a split or a text file: loss, perplexity, bits per character",
 }
 
 
@@ -296,6 +298,103 @@ def _continuation(tokenizer, previous: list[int], token: int, *, raw: bool) -> s
     return after[len(before) :] if previous else " " + after
 
 
+# -- minigpt evaluate ---------------------------------------------------------------------------------
+def evaluate(argv: list[str]) -> None:
+    from minigpt.evaluation import evaluate_ids, flatten
+    from minigpt.lit_module import load_model
+
+    p = ArgumentParser(prog="minigpt evaluate", description=OWN_COMMANDS["evaluate"], exit_on_error=False)
+    p.add_argument("--ckpt_path", required=True, help="a minigpt checkpoint")
+    p.add_argument("--split", default="test", help="test | val | train | unsup of the checkpoint's data")
+    p.add_argument("--text_file", default=None, help="plain text (documents separated by blank lines) or JSONL")
+    p.add_argument("--archive", default=None, help="aclImdb_v1.tar.gz to read the split from (else the run's data)")
+    p.add_argument("--max_docs", type=int | None, default=None, help="only the first N documents")
+    p.add_argument("--stride", type=int | None, default=None, help="window step (< block_size: more context)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    a = p.parse_args(argv)
+    if a.max_docs is not None and a.max_docs < 1:
+        raise UserError(f"--max_docs must be >= 1, got {a.max_docs}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(a.ckpt_path, map_location=device)
+    if a.text_file:
+        docs, what = _text_file_documents(a.text_file), a.text_file
+        texts = docs[: a.max_docs]
+        ids, offsets = flatten([tokenizer.encode(t) for t in texts])
+        chars = sum(map(len, texts))
+    else:
+        ids, offsets, chars, what = _split_documents(a.ckpt_path, tokenizer, a.split, a.archive, a.max_docs)
+    result = evaluate_ids(
+        model, ids, offsets, chars, unk_index=tokenizer.unk_index, stride=a.stride, batch_size=a.batch_size,
+        device=device,
+    )  # fmt: skip
+    r = result.to_dict()
+    print(f"data        {what}: {r['documents']:,} documents, {r['characters']:,} characters")
+    print(f"tokens      {r['tokens']:,} scored ({r['unk_rate']:.2%} <unk>)")
+    print(f"loss        {r['loss']:.4f} nats/token   perplexity {r['perplexity']:.2f}")
+    print(f"bits/char   {r['bits_per_character']:.4f}   ({r['seconds']:.1f} s)")
+    if a.json:
+        print(json.dumps({"data": what, **r}))
+
+
+def _text_file_documents(path: str) -> list[str]:
+    from minigpt.data.sources import read_text_documents
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--text_file {path} does not exist")
+    docs = read_text_documents(p)
+    if not docs:
+        raise UserError(f"--text_file {path} is empty (no text to score)")
+    return docs
+
+
+def _split_documents(ckpt_path: str, tokenizer, split: str, archive: str | None, max_docs: int | None):
+    """The run's own data split, from the token cache (same windows as `minigpt test`)."""
+    import inspect
+
+    from minigpt.data.sources import read_imdb
+
+    ckpt = load_checkpoint_file(ckpt_path)
+    data = dict((ckpt.get("minigpt") or {}).get("data") or {})
+    known = inspect.signature(IMDBDataModule.__init__).parameters
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if archive:
+        kwargs.update(source="imdb", archive=archive)
+    if split == "unsup":
+        path = kwargs.get("archive")
+        if not path:
+            raise UserError("--split unsup needs the official archive: pass --archive PATH/aclImdb_v1.tar.gz")
+        texts = [d.text for d in read_imdb(path, ("unsup",))["unsup"][:max_docs]]
+        ids, offsets = _flatten_encoded(tokenizer, texts)
+        return ids, offsets, sum(map(len, texts)), f"{path} unsup"
+    corpus = IMDBDataModule(**kwargs).corpus
+    if split not in corpus.splits:
+        raise UserError(
+            f"the {corpus.source} data has no {split!r} split (it has {', '.join(corpus.splits)}); "
+            "for test pass --archive PATH/aclImdb_v1.tar.gz"
+        )
+    if corpus.vocab.itos != tokenizer.itos:
+        raise UserError(
+            "the checkpoint's vocabulary differs from this data's; evaluate with the data it was trained on"
+        )
+    s = corpus.splits[split]
+    n = corpus.documents(split) if max_docs is None else min(max_docs, corpus.documents(split))
+    offsets = np.asarray(s["offsets"][: n + 1])
+    return (
+        np.asarray(s["ids"][: offsets[-1]]),
+        offsets,
+        int(np.asarray(s["chars"][:n]).sum()),
+        f"{corpus.source} {split}",
+    )
+
+
+def _flatten_encoded(tokenizer, texts: list[str]):
+    from minigpt.evaluation import flatten
+
+    return flatten([tokenizer.encode(t) for t in texts])
+
+
 # -- entry point -------------------------------------------------------------------------------------
 def _usage() -> str:
     lines = ["usage: minigpt {fit,validate,test," + ",".join(OWN_COMMANDS) + "} ...", ""]
@@ -325,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
             plot(rest)
         elif command == "generate":
             generate(rest)
+        elif command == "evaluate":
+            evaluate(rest)
         else:
             _fail(f"unknown command {command!r}; run 'minigpt --help' for the list")
     except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError) as err:
