@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from minigpt.callbacks import GenerationCallback, GracefulInterrupt
+from minigpt.checkpointing import AtomicCheckpointIO
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.sources import DataError
 from minigpt.lit_module import LitMiniGPT, load_checkpoint_file
@@ -107,7 +108,7 @@ class MiniGPTCLI(LightningCLI):
             # Drop events a killed run logged after this checkpoint: one continuous curve.
             step = load_checkpoint_file(str(ckpt)).get("global_step")
             if step:
-                init["purge_step"] = int(step) + 1
+                init["purge_step"] = int(step)  # events are logged at global_step - 1
 
     @staticmethod
     def _config_from_checkpoint(cfg, ckpt: str) -> None:
@@ -164,6 +165,7 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
             if command == "fit"
             else False,
             "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulInterrupt()],
+            "plugins": [AtomicCheckpointIO()],
             "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
         },
     )
@@ -403,13 +405,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+_default_formatwarning = warnings.formatwarning
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"minigpt: warning: {message}\n"
+    """minigpt's own warnings (e.g. unknown prompt words) as one line; others as Python prints them."""
+    if "/minigpt/" in filename.replace("\\", "/"):
+        return f"minigpt: warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _one_line_warning
+    # Deprecation notices that dependencies raise about each other: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
@@ -428,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(rest)
         else:
             _fail(f"unknown command {command!r}; run 'minigpt --help' for the list")
-    except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError) as err:
+    except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError, FloatingPointError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")

@@ -26,7 +26,17 @@ CHECKPOINT_FORMAT = 1
 
 
 def tokenizer_from_dict(d: dict) -> Vocab:
-    """The tokenizer stored in a checkpoint (plain JSON-like data, never pickled objects)."""
+    """The tokenizer stored in a checkpoint (plain JSON-like data, never pickled objects).
+
+    ``d["kind"]`` picks the class: "basic_english" (the word ``Vocab``) or "bpe" (``minigpt.bpe.BpeTokenizer``).
+    """
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "bpe":
+        from minigpt.bpe import BpeTokenizer  # imports `tokenizers` only for BPE checkpoints
+
+        return BpeTokenizer.from_dict(d)
+    if kind not in (None, Vocab.kind):
+        raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (expected 'basic_english' or 'bpe')")
     return Vocab.from_dict(d)
 
 
@@ -95,6 +105,12 @@ class LitMiniGPT(pl.LightningModule):
         nll_sum, count = self.model.loss_sum_and_count(x, y, x == PAD_ID)
         loss = nll_sum / count.clamp(min=1)
         if stage == "train":
+            if not torch.isfinite(loss):
+                # Stop before backward: the weights (and so every checkpoint) stay finite.
+                raise FloatingPointError(
+                    f"training stopped: the loss is {float(loss)} at step {self.global_step}; the last good "
+                    "checkpoint is kept (try a lower --model.lr or --trainer.gradient_clip_val)"
+                )
             self.log("train_loss", loss, prog_bar=True, batch_size=x.size(0))
         else:
             sums = self._sums.setdefault(stage, [torch.zeros((), device=x.device, dtype=torch.float64)] * 2)
@@ -146,6 +162,19 @@ class LitMiniGPT(pl.LightningModule):
             tokens = int((batch[1] != PAD_ID).sum()) * self.trainer.world_size
             self.log("train_tok_s", tokens / max(now - self._step_started, 1e-9), batch_size=batch[0].size(0))
         self._step_started = now
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            # Same clipping as Lightning's, but a non-finite gradient norm stops training before
+            # the optimizer writes NaN into the weights.
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            if not torch.isfinite(norm):
+                raise FloatingPointError(
+                    f"training stopped: the gradient norm is {float(norm)} at step {self.global_step}; "
+                    "the last good checkpoint is kept (try a lower --model.lr)"
+                )
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
