@@ -83,10 +83,15 @@ class GenerationCallback(Callback):
             experiment.add_text("samples", text, global_step=trainer.global_step)
 
 
-class GracefulInterrupt(Callback):
-    """First Ctrl-C (SIGINT): finish the current step, save ``last.ckpt``, stop cleanly.
+class GracefulStop(Callback):
+    """Never end a run without a resumable ``last.ckpt``.
 
-    A second Ctrl-C interrupts at once, as usual. The checkpoint resumes with ``--ckpt_path last``.
+    * First Ctrl-C (SIGINT): finish the current step, save ``last.ckpt``, stop cleanly; a second
+      Ctrl-C interrupts at once, as usual.
+    * A run that ends by ``max_steps``/``max_time`` between two validations (when
+      ``ModelCheckpoint`` would not save) still saves its final state.
+
+    The checkpoint resumes with ``--ckpt_path last``.
     """
 
     def __init__(self) -> None:
@@ -115,11 +120,26 @@ class GracefulInterrupt(Callback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        path = self.last_path(trainer)
+        if trainer.global_step > 0 and _saved_step(path) != trainer.global_step:
+            trainer.save_checkpoint(path)
 
     @staticmethod
-    def save_last(trainer: pl.Trainer) -> Path:
+    def last_path(trainer: pl.Trainer) -> Path:
         ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
-        path = folder / "last.ckpt"
+        return folder / "last.ckpt"
+
+    def save_last(self, trainer: pl.Trainer) -> Path:
+        path = self.last_path(trainer)
         trainer.save_checkpoint(path)
         return path
+
+
+def _saved_step(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable: rewrite it
+        return None

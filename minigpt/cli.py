@@ -23,7 +23,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from minigpt.callbacks import GenerationCallback, GracefulInterrupt
+from minigpt.callbacks import GenerationCallback, GracefulStop
 from minigpt.checkpointing import AtomicCheckpointIO
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.sources import DataError
@@ -164,7 +164,7 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
             }
             if command == "fit"
             else False,
-            "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulInterrupt()],
+            "callbacks": [LearningRateMonitor(logging_interval="step"), GracefulStop()],
             "plugins": [AtomicCheckpointIO()],
             "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
         },

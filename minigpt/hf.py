@@ -25,7 +25,7 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -91,12 +91,14 @@ def _local_folder(dir_or_name: str | Path, cache_dir: str | Path | None) -> Path
 
     try:
         return Path(snapshot_download(str(dir_or_name), local_files_only=True, cache_dir=cache_dir))
-    except (OSError, ValueError) as err:  # not cached (LocalEntryNotFoundError) or not a repo id at all
+    except ValueError as err:  # HFValidationError: not a Hub name either, so a folder that is missing
+        raise ValueError(f"{str(dir_or_name)!r} is not a local folder (it does not exist)") from err
+    except OSError as err:  # LocalEntryNotFoundError: a Hub name that is not in the local cache
         raise ValueError(
             f"{str(dir_or_name)!r} is not a local folder and not in the local Hugging Face cache; minigpt never "
             "downloads. Pass a folder with config.json, the weights and the tokenizer files, e.g. made once on a "
-            f"machine with internet by `hf download {dir_or_name} --local-dir ./{path.name or 'model'}` or "
-            f"`AutoModelForCausalLM.from_pretrained('{dir_or_name}').save_pretrained(...)` (plus the tokenizer)."
+            f"machine with internet by `hf download {dir_or_name} --local-dir ./{path.name}`, or set HF_HOME to a "
+            "cache that holds it."
         ) from err
 
 
@@ -468,7 +470,7 @@ def _document_windows(doc: list[int], eot: int, block_size: int, stride: int) ->
 
 
 def _score_documents(
-    nll_fn,
+    nll_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
     tokenizer: Tokenizer,
     texts: Sequence[str],
     *,

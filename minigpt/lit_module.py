@@ -108,7 +108,7 @@ class LitMiniGPT(pl.LightningModule):
             if not torch.isfinite(loss):
                 # Stop before backward: the weights (and so every checkpoint) stay finite.
                 raise FloatingPointError(
-                    f"training stopped: the loss is {float(loss)} at step {self.global_step}; the last good "
+                    f"training stopped: the loss is {float(loss.detach())} at step {self.global_step}; the last good "
                     "checkpoint is kept (try a lower --model.lr or --trainer.gradient_clip_val)"
                 )
             self.log("train_loss", loss, prog_bar=True, batch_size=x.size(0))

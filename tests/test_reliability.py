@@ -1,0 +1,137 @@
+"""Crash and resume, Ctrl-C, non-finite loss, atomic checkpoints: `minigpt fit` as a real process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import review
+
+from minigpt.checkpointing import AtomicCheckpointIO
+from minigpt.plot import read_scalars
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MINIGPT = [sys.executable, "-m", "minigpt.cli"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n\n".join(review(i, 12 + (i % 5) * 4) for i in range(60)))
+    return p
+
+
+def fit_args(corpus, *extra):
+    return [*MINIGPT, "fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text",
+            "--data.text_path", str(corpus), "--trainer.enable_progress_bar", "false",
+            "--model.config.dropout", "0.1", *extra]  # fmt: skip
+
+
+def run(args, cwd, **kw):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def last_step(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, weights_only=True)["global_step"])
+    except Exception:  # being replaced right now
+        return -1
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(corpus, tmp_path):
+    common = ("--trainer.max_steps", "40", "--trainer.val_check_interval", "8", "--checkpoint.every_n_train_steps", "5")
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir(), crashed.mkdir()
+    assert run(fit_args(corpus, *common), straight).returncode == 0
+
+    proc = subprocess.Popen(fit_args(corpus, *common), cwd=crashed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = crashed / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and last_step(ckpt) < 17:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = last_step(ckpt)
+    assert 15 <= killed_at < 40 and killed_at % 7 != 0  # mid-epoch (7 batches per epoch)
+
+    resumed = run(fit_args(corpus, *common, "--ckpt_path", "last"), crashed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(straight / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for name, value in a["state_dict"].items():
+        assert torch.allclose(value, b["state_dict"][name], atol=1e-6), name
+    va = read_scalars(straight / "lightning_logs/version_0")["val_loss"]
+    vb = read_scalars(crashed / "lightning_logs/version_0")["val_loss"]
+    assert [s for s, _ in va] == [s for s, _ in vb]  # one continuous curve, same points
+    assert [v for _, v in va] == pytest.approx([v for _, v in vb], abs=1e-6)
+    assert sorted(p.name for p in (crashed / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
+    proc = subprocess.Popen(fit_args(corpus, "--trainer.max_steps", "100000", "--trainer.val_check_interval", "50"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    events = tmp_path / "lightning_logs" / "version_0"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(events.glob("events.out.tfevents.*")):
+        time.sleep(0.1)
+    time.sleep(3)  # some training steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "saved" in err and "--ckpt_path last" in err
+    ckpt = events / "checkpoints" / "last.ckpt"
+    step = last_step(ckpt)
+    assert step > 0
+    resumed = run(fit_args(corpus, "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert last_step(ckpt) == step + 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    # lr 1e6: the first Adam step moves every weight by ~1e6 (finite, saved), the next loss is not finite.
+    # --checkpoint.monitor null: save every step even before the first validation.
+    args = fit_args(corpus, "--trainer.max_steps", "200", "--checkpoint.every_n_train_steps", "1",
+                    "--checkpoint.monitor", "null", "--model.lr", "1e6",
+                    "--trainer.gradient_clip_val", "null")  # fmt: skip
+    result = run(args, tmp_path)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("minigpt: error: training stopped:") and "at step" in last_line
+    ckpt = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_corrupt_checkpoint_is_one_line(corpus, tmp_path, command):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    args = [*MINIGPT, command, "--ckpt_path", str(bad)]
+    if command == "fit":
+        args = fit_args(corpus, "--ckpt_path", str(bad))
+    result = run(args, tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("minigpt: error:") and str(bad) in lines[-1] and "Traceback" not in result.stderr
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(3)}, target)
+    before = target.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"w": torch.zeros(1000)}, target)
+    assert target.read_bytes() == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
