@@ -35,6 +35,8 @@ OWN_COMMANDS = {
     "plot": "draw a run's train/validation loss curves from its TensorBoard files into a PNG",
     "generate": "continue prompts with a trained checkpoint (greedy, temperature, top-k, top-p)",
     "evaluate": "score a checkpoint on a split or a text file: loss, perplexity, bits per character",
+    "convert": "Hugging Face GPT-2 folder -> minigpt checkpoint (--from_hf), or back (--to_hf)",
+    "compare": "a minigpt checkpoint and a Hugging Face model side by side: samples and bits per character",
 }
 
 
@@ -83,6 +85,8 @@ class MiniGPTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg["model"].get("init_from"):
+            self._architecture_from(cfg, cfg["model"]["init_from"])
         ckpt = cfg.get("ckpt_path")
         if ckpt:
             cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
@@ -109,6 +113,24 @@ class MiniGPTCLI(LightningCLI):
             step = load_checkpoint_file(str(ckpt)).get("global_step")
             if step:
                 init["purge_step"] = int(step)  # events are logged at global_step - 1
+
+    @staticmethod
+    def _architecture_from(cfg, init_from: str) -> None:
+        """Fine-tuning: the model's architecture (and a pretrained tokenizer) come from the checkpoint."""
+        ckpt = load_checkpoint_file(init_from)
+        passed = {a.split("=")[0][len("--model.config.") :] for a in sys.argv if a.startswith("--model.config.")}
+        for key, value in (ckpt["hyper_parameters"].get("config") or {}).items():
+            if key not in ("vocab_size", "block_size", "dropout") and key not in passed:
+                cfg["model"]["config"][key] = value
+        stored_block = (ckpt["hyper_parameters"].get("config") or {}).get("block_size", 0)
+        if cfg["data"]["block_size"] > stored_block:
+            raise UserError(
+                f"data.block_size {cfg['data']['block_size']} is larger than the position table of {init_from} "
+                f"({stored_block}); use a block_size <= {stored_block}"
+            )
+        tok = (ckpt.get("minigpt") or {}).get("tokenizer") or {}
+        if tok.get("kind") == "bpe" and not cfg["data"].get("tokenizer"):
+            cfg["data"]["tokenizer"] = init_from
 
     @staticmethod
     def _config_from_checkpoint(cfg, ckpt: str) -> None:
@@ -262,6 +284,7 @@ def generate(argv: list[str]) -> None:
         t0 = time.perf_counter()
         tokens: list[list[int]] = [[] for _ in batch]
         stops = ["length"] * len(batch)
+        shown = ""  # the part of the continuation already printed by --stream
         if a.stream and not a.json:
             print(text, end="", flush=True)
         for step in stream(
@@ -275,9 +298,9 @@ def generate(argv: list[str]) -> None:
                 if tok == tokenizer.eot_index:
                     stops[i] = "eos"
                     continue
-                if a.stream and not a.json and i == 0 and a.num_samples == 1:
-                    print(_continuation(tokenizer, tokens[i], tok, raw=a.raw), end="", flush=True)
                 tokens[i].append(tok)
+                if a.stream and not a.json and i == 0 and a.num_samples == 1:
+                    shown = _stream_piece(tokenizer, tokens[i], shown, raw=a.raw)
         seconds = time.perf_counter() - t0
         for i, toks in enumerate(tokens):
             out = tokenizer.decode(toks, tidy=not a.raw)
@@ -291,13 +314,19 @@ def generate(argv: list[str]) -> None:
                 print(f"{text} {out}" if a.num_samples == 1 else f"[{i}] {text} {out}")
 
 
-def _continuation(tokenizer, previous: list[int], token: int, *, raw: bool) -> str:
-    """The text one more token adds to a tidied decode (what --stream prints)."""
-    if raw:
-        return " " + tokenizer.decode([token])
-    before = tokenizer.decode(previous, tidy=True)
-    after = tokenizer.decode([*previous, token], tidy=True)
-    return after[len(before) :] if previous else " " + after
+def _stream_piece(tokenizer, tokens: list[int], shown: str, *, raw: bool) -> str:
+    """Print what the newest token adds to the decoded continuation; return the text shown so far.
+
+    Decoding the whole continuation keeps tidy spacing (word vocab) and multi-byte characters
+    (BPE) right; a BPE piece that ends inside a UTF-8 character (U+FFFD) waits for the next token.
+    """
+    text = tokenizer.decode(tokens, tidy=not raw)
+    if tokenizer.kind != "bpe":
+        text = " " + text
+    if text.endswith("\ufffd") or not text.startswith(shown):
+        return shown
+    print(text[len(shown) :], end="", flush=True)
+    return text
 
 
 # -- minigpt evaluate ---------------------------------------------------------------------------------
@@ -327,7 +356,8 @@ def evaluate(argv: list[str]) -> None:
     else:
         ids, offsets, chars, what = _split_documents(a.ckpt_path, tokenizer, a.split, a.archive, a.max_docs)
     result = evaluate_ids(
-        model, ids, offsets, chars, unk_index=tokenizer.unk_index, stride=a.stride, batch_size=a.batch_size,
+        model, ids, offsets, chars, unk_index=tokenizer.unk_index, eot_index=tokenizer.eot_index, stride=a.stride,
+        batch_size=a.batch_size,
         device=device,
     )  # fmt: skip
     r = result.to_dict()
@@ -353,16 +383,12 @@ def _text_file_documents(path: str) -> list[str]:
 
 def _split_documents(ckpt_path: str, tokenizer, split: str, archive: str | None, max_docs: int | None):
     """The run's own data split, from the token cache (same windows as `minigpt test`)."""
-    import inspect
 
     from minigpt.data.sources import read_imdb
 
     ckpt = load_checkpoint_file(ckpt_path)
     data = dict((ckpt.get("minigpt") or {}).get("data") or {})
-    known = inspect.signature(IMDBDataModule.__init__).parameters
-    kwargs = {k: v for k, v in data.items() if k in known}
-    if archive:
-        kwargs.update(source="imdb", archive=archive)
+    kwargs = _data_kwargs(data, archive)
     if split == "unsup":
         path = kwargs.get("archive")
         if not path:
@@ -391,10 +417,105 @@ def _split_documents(ckpt_path: str, tokenizer, split: str, archive: str | None,
     )
 
 
+def _data_kwargs(data: dict, archive: str | None) -> dict:
+    """The data module arguments a checkpoint was trained with (optionally on another archive)."""
+    import inspect
+
+    known = inspect.signature(IMDBDataModule.__init__).parameters
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if archive:
+        kwargs.update(source="imdb", archive=archive)
+    return kwargs
+
+
 def _flatten_encoded(tokenizer, texts: list[str]):
     from minigpt.evaluation import flatten
 
     return flatten([tokenizer.encode(t) for t in texts])
+
+
+# -- minigpt convert / compare ------------------------------------------------------------------------
+def convert(argv: list[str]) -> None:
+    p = ArgumentParser(prog="minigpt convert", description=OWN_COMMANDS["convert"], exit_on_error=False)
+    p.add_argument("--from_hf", default=None, help="a local Hugging Face GPT-2 folder (config, weights, tokenizer)")
+    p.add_argument("--out", default=None, help="with --from_hf: the minigpt checkpoint to write")
+    p.add_argument("--ckpt_path", default=None, help="with --to_hf: the minigpt checkpoint to export")
+    p.add_argument("--to_hf", default=None, help="with --ckpt_path: the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    a = p.parse_args(argv)
+    from minigpt.hf import convert_from_hf, convert_to_hf  # transformers: imported only here
+
+    if a.from_hf and a.out and not (a.ckpt_path or a.to_hf):
+        print(convert_from_hf(a.from_hf, a.out, overwrite=a.overwrite))
+    elif a.ckpt_path and a.to_hf and not (a.from_hf or a.out):
+        print(convert_to_hf(a.ckpt_path, a.to_hf, overwrite=a.overwrite))
+    else:
+        raise UserError("use either --from_hf DIR --out CKPT or --ckpt_path CKPT --to_hf DIR")
+
+
+def compare(argv: list[str]) -> None:
+    p = ArgumentParser(prog="minigpt compare", description=OWN_COMMANDS["compare"], exit_on_error=False)
+    p.add_argument("--ckpt_path", required=True, help="a minigpt checkpoint")
+    p.add_argument("--hf_model", required=True, help="a local Hugging Face causal LM folder (or a cached name)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt(s) to continue with both models")
+    p.add_argument("--text_file", default=None, help="text to score (documents separated by blank lines, or JSONL)")
+    p.add_argument("--split", default=None, help="or a split of the checkpoint's data to score (e.g. test)")
+    p.add_argument("--archive", default=None, help="aclImdb_v1.tar.gz for --split (else the run's data)")
+    p.add_argument("--max_docs", type=int, default=100, help="documents to score")
+    p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top_k", type=int | None, default=50)
+    p.add_argument("--top_p", type=float | None, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    a = p.parse_args(argv)
+    from minigpt.generation import check_sampling, generate_text
+    from minigpt.hf import hf_bits_per_character, hf_generate_text, load_hf_gpt2, minigpt_bits_per_character
+    from minigpt.lit_module import load_model
+
+    check_sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    if a.max_docs < 1:
+        raise UserError(f"--max_docs must be >= 1, got {a.max_docs}")
+    model, tok = load_model(a.ckpt_path)
+    hf_model, hf_tok = load_hf_gpt2(a.hf_model)
+    texts = _compare_texts(a, tok)
+    sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    samples = []
+    for prompt in a.prompt or ["the movie was"]:
+        g1, g2 = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(a.seed)
+        mine = generate_text(model, tok, prompt, generator=g1, **sampling)
+        theirs = hf_generate_text(hf_model, hf_tok, prompt, generator=g2, **sampling)
+        samples.append({"prompt": prompt, "minigpt": mine, "hf": theirs})
+        print(f"prompt   {prompt}\nminigpt  {mine}\nhf       {theirs}\n")
+    result = {"samples": samples, "sampling": sampling, "seed": a.seed}
+    if texts:
+        result["minigpt"] = minigpt_bits_per_character(model, tok, texts)
+        result["hf"] = hf_bits_per_character(hf_model, hf_tok, texts)
+        print(f"{'':10}{'bits/char':>10}{'tokens':>10}{'perplexity':>12}   ({len(texts)} documents)")
+        for name in ("minigpt", "hf"):
+            r = result[name]
+            print(f"{name:10}{r['bits_per_character']:10.4f}{r['tokens']:10,}{r['perplexity']:12.2f}")
+    if a.json:
+        print(json.dumps(result))
+
+
+def _compare_texts(a, tokenizer) -> list[str]:
+    """The texts both models score: --text_file, or raw reviews of --split."""
+    if a.text_file:
+        return _text_file_documents(a.text_file)[: a.max_docs]
+    if not a.split:
+        return []
+    from minigpt.data.corpus import _read, resolve_source
+    from minigpt.data.sources import default_cache_dir
+
+    ckpt = load_checkpoint_file(a.ckpt_path)
+    data = dict((ckpt.get("minigpt") or {}).get("data") or {})
+    spec = IMDBDataModule(**_data_kwargs(data, a.archive)).spec
+    kind, path = resolve_source(spec, Path(data.get("cache_dir") or default_cache_dir()))
+    splits = _read(spec, kind, path)
+    if a.split not in splits:
+        raise UserError(f"the {kind} data has no {a.split!r} split; for test pass --archive PATH/aclImdb_v1.tar.gz")
+    return [d.text for d in splits[a.split][: a.max_docs]]
 
 
 # -- entry point -------------------------------------------------------------------------------------
@@ -437,6 +558,10 @@ def main(argv: list[str] | None = None) -> None:
             generate(rest)
         elif command == "evaluate":
             evaluate(rest)
+        elif command == "convert":
+            convert(rest)
+        elif command == "compare":
+            compare(rest)
         else:
             _fail(f"unknown command {command!r}; run 'minigpt --help' for the list")
     except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError, FloatingPointError) as err:

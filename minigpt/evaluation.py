@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from minigpt.data.samples import DocumentWindowDataset, pad_collate
 from minigpt.model import GPT
-from minigpt.tokenizer import PAD_ID
+from minigpt.tokenizer import EOT_ID, IGNORE_INDEX
 
 
 @dataclass
@@ -53,6 +53,7 @@ def evaluate_ids(
     characters: int,
     *,
     unk_index: int,
+    eot_index: int = EOT_ID,
     stride: int | None = None,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
@@ -63,7 +64,8 @@ def evaluate_ids(
         model: the language model (put in eval mode here).
         ids, offsets: documents as flat ids; document d is ids[offsets[d]:offsets[d+1]].
         characters: characters of the original text of these documents (for bits per character).
-        unk_index: id of <unk> (its share among targets is reported).
+        unk_index: id of <unk> (its share among targets is reported; -1 for a tokenizer without one).
+        eot_index: the tokenizer's <|endoftext|>, around each document.
         stride: window step; < block_size gives each window extra context (see DocumentWindowDataset).
         batch_size: windows per forward pass.
         device: where to run.
@@ -71,11 +73,11 @@ def evaluate_ids(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    ds = DocumentWindowDataset(ids, offsets, model.config.block_size, stride)
+    ds = DocumentWindowDataset(ids, offsets, model.config.block_size, stride, eot_id=eot_index)
     nll, count, unk = 0.0, 0, 0
     for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=pad_collate):
         x, y = x.to(device), y.to(device)
-        s, n = model.loss_sum_and_count(x, y, x == PAD_ID)
+        s, n = model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX)
         nll += float(s)
         count += int(n)
         unk += int((y == unk_index).sum())

@@ -28,10 +28,14 @@ from minigpt.config import GPTConfig
 PAD_ID = 1
 """Id of `<pad>` in minigpt's vocabularies; targets equal to it do not count in the loss."""
 
-# The chunked loss holds about this many float32 logits per chunk (128 MiB, two such buffers at the
-# peak): 335 rows at a 100,000-word vocabulary instead of batch x block rows. Much smaller chunks make
-# the head's matrix products slower on CPU.
-_LOSS_CHUNK_ELEMENTS = 2**25
+# The chunked loss holds at most this many float32 logits at once (512 MiB, one buffer): the whole batch
+# at block 30 (960 rows at a 100,000-word vocabulary), four equal chunks of 1,024 rows at block 128. On a
+# 2-core CPU the head's matrix products run 20-25% slower on 335-row chunks than on ~1,000-row ones.
+_LOSS_CHUNK_ELEMENTS = 2**27
+
+# A target probability below this (about 7.5e-37) is too close to float32's smallest normal number for
+# -log(p) to be exact; such rows (loss above 83 nats) get their loss recomputed through log_softmax.
+_MIN_EXACT_PROB = 2.0**-120
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = PAD_ID) -> Tensor:
@@ -421,13 +425,15 @@ class GPT(nn.Module):
         """Summed NLL of `targets` under the head applied to `hidden`, and the number of counted targets.
 
         The linear head is evaluated in chunks of rows (see `_ChunkedLinearCrossEntropy`) so that memory
-        stays about chunk_size x vocab_size; the adaptive head uses its own cluster-wise loss.
+        stays at most chunk_size x vocab_size floats, in a buffer kept between calls on CPU (`_Workspace`);
+        the adaptive head uses its own cluster-wise loss.
 
         Args:
             hidden: (..., n_embd) hidden states, e.g. from `hidden_states`.
             targets: (...) target ids.
             ignore_index: Target id that does not count.
-            chunk_size: Rows per chunk for the linear head; the default holds about 2**25 logits per chunk.
+            chunk_size: Most rows per chunk for the linear head (the rows are split into equal chunks); the
+                default holds at most 2**27 logits at once.
 
         Returns:
             (float32 scalar NLL sum, int64 scalar count).
@@ -448,7 +454,8 @@ class GPT(nn.Module):
         elif chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}.")
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        nll_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, needs_grad)
+        workspace = self.__dict__.setdefault("_loss_workspace", _Workspace())
+        nll_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, needs_grad, workspace)
         return nll_sum, count
 
     def _check_inputs(
@@ -526,13 +533,50 @@ class GPT(nn.Module):
         return mask.unsqueeze(-3), False  # (B or 1, 1, T, S), broadcast over heads
 
 
+class _Workspace:
+    """The float32 scratch buffer of the chunked loss, reused from call to call on CPU.
+
+    A fresh CPU tensor of hundreds of MiB is mapped page by page when first written: on a 2-core CPU
+    that costs about 0.2 s per 384 MiB, more than the softmax over it. The buffer is checked out while a
+    loss waits for its backward pass, so two pending losses never share it. It is neither saved nor
+    copied with the model, and CUDA never keeps one (its caching allocator already reuses memory).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    def take(self, numel: int, device: torch.device) -> Tensor:
+        """A float32 buffer of at least `numel` elements on `device` (the kept one if it fits)."""
+        buffer, self._buffer = self._buffer, None
+        if buffer is None or buffer.numel() < numel or buffer.device != device:
+            del buffer  # free a kept buffer that does not fit before allocating its replacement
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        return buffer
+
+    def give_back(self, buffer: Tensor) -> None:
+        if buffer.device.type == "cpu":
+            self._buffer = buffer
+
+    def __deepcopy__(self, memo: dict) -> "_Workspace":
+        return _Workspace()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._buffer = None
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of a linear layer's outputs, computed a chunk of rows at a time.
 
-    The (N, V) logits are never held at once: each chunk's logits are turned into the loss and, in the
-    same pass, into the gradients (softmax - one_hot), which the backward pass only rescales. Peak extra
-    memory is two chunk_size x V float32 buffers, and the head costs three matrix products (forward, input
-    gradient, weight gradient) like the plain path, instead of four with checkpointing.
+    The (N, V) logits are never all held at once. Each chunk's logits are turned in place into
+    probabilities (one softmax), the loss is read off the target probabilities, and the same buffer then
+    holds d nll / d logits = softmax - one_hot(target). The gradients of all chunks but the last are
+    accumulated in the forward pass; the last chunk's buffer waits for the backward pass, whose matrix
+    products apply the upstream scale. So the head costs the plain path's three matrix products and one
+    buffer of at most chunk_size x V floats, with no full-size temporaries (the plain path allocates four:
+    logits, log-probabilities, and two gradients) and no extra pass over V x C to scale the weight gradient.
     """
 
     @staticmethod
@@ -544,40 +588,111 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         targets: Tensor,
         chunk_size: int,
         needs_grad: bool,
+        workspace: _Workspace,
     ) -> Tensor:
         # x: (N, C) with every target counted; weight: (V, C); bias: (V,); targets: (N,).
         needs_x, needs_w, needs_b = (needs_grad and flag for flag in ctx.needs_input_grad[:3])
         needs_b = needs_b and bias is not None
+        N, V = x.size(0), weight.size(0)
+        rows = -(-N // -(-N // chunk_size))  # equal chunks of at most chunk_size rows: no small, slow last one
+        # float32 without autocast: the products write straight into the reused buffer. Otherwise (bf16
+        # autocast on a GPU) the logits come from F.linear in the autocast dtype, upcast to float32.
+        direct = not torch.is_autocast_enabled(x.device.type) and all(
+            t is None or t.dtype == torch.float32 for t in (x, weight, bias)
+        )
+        buffer = workspace.take(rows * V, x.device) if direct else None
         grad_x = torch.empty_like(x) if needs_x else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs_b else None
+        grad_w = grad_b = None  # unscaled sums over the chunks done in this pass
+        last = None  # (d nll / d logits of the last chunk, its first row), finished by backward
         nll_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-        for s in range(0, x.size(0), chunk_size):
-            xc, tc = x[s : s + chunk_size], targets[s : s + chunk_size]
-            # One fused log_softmax is faster on CPU than logsumexp followed by a subtraction.
-            log_probs = torch.log_softmax(F.linear(xc, weight, bias).float(), dim=-1)  # (n, V)
-            nll_sum -= log_probs.gather(1, tc[:, None]).sum()
+        for s in range(0, N, rows):
+            xc, tc = x[s : s + rows], targets[s : s + rows, None]  # (n, C), (n, 1)
+            n = xc.size(0)
+            if direct:
+                probs = buffer[: n * V].view(n, V)
+                if bias is None:
+                    torch.mm(xc, weight.t(), out=probs)
+                else:
+                    torch.addmm(bias, xc, weight.t(), out=probs)
+            else:
+                probs = F.linear(xc, weight, bias).float()
+            if probs.device.type == "cpu":
+                torch.softmax(probs, dim=-1, out=probs)  # in place, row by row: (n, V) probabilities
+            else:
+                probs = torch.softmax(probs, dim=-1)
+            p_target = probs.gather(1, tc)  # (n, 1)
+            nll = -p_target.log()
+            inexact = p_target[:, 0] < _MIN_EXACT_PROB
+            if inexact.any():
+                logits = F.linear(xc[inexact], weight, bias).float()
+                nll[inexact] = -torch.log_softmax(logits, dim=-1).gather(1, tc[inexact])
+            nll_sum += nll.sum()
             if not (needs_x or needs_w or needs_b):
                 continue
-            # d nll / d logits = softmax - one_hot(target), computed in the log-probabilities' buffer.
-            grad_logits = log_probs.exp_()
-            grad_logits.scatter_add_(1, tc[:, None], grad_logits.new_full((tc.size(0), 1), -1.0))
-            g = grad_logits.to(weight.dtype)
+            probs.scatter_add_(1, tc, probs.new_full((n, 1), -1.0))  # now softmax - one_hot(target)
+            if direct and s + n == N:
+                last = (probs, s)
+                continue
+            g = probs.to(weight.dtype)
             if needs_x:
-                grad_x[s : s + chunk_size] = g @ weight
+                grad_x[s : s + n] = g @ weight
             if needs_w:
-                grad_w.addmm_(grad_logits.t(), xc.float())  # in place: no V x C temporary per chunk
+                if grad_w is None:
+                    grad_w = torch.zeros_like(weight, dtype=torch.float32)
+                grad_w.addmm_(probs.t(), xc.float())  # in place: no V x C temporary per chunk
             if needs_b:
-                grad_b += grad_logits.sum(0)
-        ctx.save_for_backward(
-            grad_x,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
+                grad_b = _column_sums(probs) if grad_b is None else grad_b.add_(_column_sums(probs))
+        if last is None and buffer is not None:
+            workspace.give_back(buffer)
+        ctx.save_for_backward(x, weight)
+        ctx.state = dict(
+            partial=(grad_x, grad_w, grad_b),
+            last=last,
+            buffer=None if last is None else buffer,
+            workspace=workspace,
+            needs=(needs_w, needs_b),
+            bias_dtype=None if bias is None else bias.dtype,
         )
         return nll_sum
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        scale = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_x, grad_w, grad_b)]
-        return *scale, None, None, None
+        if ctx.state is None:
+            raise RuntimeError(
+                "minigpt's chunked loss frees its buffers in the backward pass, so it can be differentiated "
+                "only once: compute the loss again instead of using retain_graph=True."
+            )
+        state, ctx.state = ctx.state, None  # drop every reference: autograd may then adopt the gradients
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w, grad_b = state["partial"]
+        needs_w, needs_b = state["needs"]
+        scale = grad_out.float()
+        if state["last"] is not None:
+            probs, s = state["last"]
+            xc = x[s:]
+            if grad_x is not None:
+                torch.mm(probs, weight, out=grad_x[s:])
+            if needs_w and grad_w is None:
+                grad_w = torch.mm(probs.t(), xc * scale)  # the scale goes on the small (n, C) factor
+            elif needs_w:
+                grad_w.addmm_(probs.t(), xc, beta=float(scale), alpha=float(scale))
+            if needs_b:
+                last_b = _column_sums(probs, scale)
+                grad_b = last_b if grad_b is None else grad_b.mul_(scale).add_(last_b)
+            state["workspace"].give_back(state["buffer"])
+        else:
+            grad_w = None if grad_w is None else grad_w.mul_(scale)
+            grad_b = None if grad_b is None else grad_b.mul_(scale)
+        if grad_x is not None:
+            grad_x.mul_(scale.to(grad_x.dtype))
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(state["bias_dtype"])
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _column_sums(m: Tensor, scale: Tensor | None = None) -> Tensor:
+    """(n, V) -> (V,) sums over the rows, times `scale`: a (1, n) @ (n, V) product, twice as fast on CPU as
+    `m.sum(0)`."""
+    ones = m.new_ones(1, m.size(0)) if scale is None else scale.expand(1, m.size(0))
+    return (ones @ m)[0]

@@ -21,6 +21,7 @@ from pathlib import Path
 UNK, PAD, EOT = "<unk>", "<pad>", "<|endoftext|>"
 SPECIALS = (UNK, PAD, EOT)  # ids 0, 1, 2 in this order
 UNK_ID, PAD_ID, EOT_ID = 0, 1, 2
+IGNORE_INDEX = -100  # target id the loss skips (padding, context-only positions): never a real token
 
 # torchtext's rules, applied in this order (torchtext/data/utils.py `_basic_english_normalize`).
 _RULES = [
@@ -175,3 +176,39 @@ class Vocab:
 
     def __repr__(self) -> str:
         return f"Vocab(size={len(self)})"
+
+
+def tokenizer_from_dict(d: dict):
+    """A tokenizer stored as plain data (checkpoint, cache): ``d["kind"]`` picks the class.
+
+    "basic_english" -> the word ``Vocab``; "bpe" -> ``minigpt.bpe.BpeTokenizer``.
+    """
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "bpe":
+        from minigpt.bpe import BpeTokenizer  # imports `tokenizers` only for BPE
+
+        return BpeTokenizer.from_dict(d)
+    if kind not in (None, Vocab.kind):
+        raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'basic_english' or 'bpe')")
+    return Vocab.from_dict(d)
+
+
+def load_tokenizer(spec: str | Path):
+    """A pretrained tokenizer: a Hugging Face tokenizer folder, or the one inside a minigpt checkpoint."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from minigpt.bpe import BpeTokenizer
+
+        return BpeTokenizer.from_pretrained(path)
+    if path.is_file():
+        import torch
+
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise ValueError(f"tokenizer {spec}: not a Hugging Face tokenizer folder or readable checkpoint") from err
+        tok = (ckpt.get("minigpt") or {}).get("tokenizer") if isinstance(ckpt, dict) else None
+        if not tok:
+            raise ValueError(f"tokenizer {spec}: the checkpoint holds no minigpt tokenizer")
+        return tokenizer_from_dict(tok)
+    raise ValueError(f"tokenizer {spec} does not exist; pass a Hugging Face tokenizer folder or a minigpt checkpoint")

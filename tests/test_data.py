@@ -16,7 +16,7 @@ from minigpt.data.samples import (
     pad_collate,
 )
 from minigpt.data.sources import DataError, read_bundled, read_imdb, read_text
-from minigpt.tokenizer import EOT_ID, PAD_ID, Vocab
+from minigpt.tokenizer import EOT_ID, IGNORE_INDEX, PAD_ID, Vocab
 
 
 def flat(docs):
@@ -76,7 +76,7 @@ def test_document_windows_score_every_token_once(stride):
         s = [EOT_ID] + docs[d] + [EOT_ID]
         start = int(ds.windows[i][1])
         assert x.tolist() == s[start : start + 4]  # context is always the real preceding tokens
-        per_doc.setdefault(d, []).extend(t for t in y.tolist() if t != PAD_ID)
+        per_doc.setdefault(d, []).extend(t for t in y.tolist() if t != IGNORE_INDEX)
     for d, doc in enumerate(docs):
         assert per_doc[d] == doc + [EOT_ID]
     assert [len(DocumentWindowDataset(*flat(docs), 4)[i][0]) for i in range(2)] == [4, 4]
@@ -86,7 +86,7 @@ def test_pad_collate():
     x, y = pad_collate([(torch.tensor([3, 4, 5]), torch.tensor([4, 5, 6])), (torch.tensor([7]), torch.tensor([2]))])
     assert x.dtype == torch.long and x.shape == (2, 3)
     assert x.tolist() == [[3, 4, 5], [7, PAD_ID, PAD_ID]]
-    assert y.tolist() == [[4, 5, 6], [2, PAD_ID, PAD_ID]]
+    assert y.tolist() == [[4, 5, 6], [2, IGNORE_INDEX, IGNORE_INDEX]]  # targets: skipped by position
 
 
 def test_epoch_sampler_is_deterministic_and_changes_per_epoch():

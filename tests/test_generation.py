@@ -374,10 +374,19 @@ def test_generate_restores_mode_and_leaves_weights_alone():
 def test_decode_head_equals_the_model_head(vocab_size, bias):
     model = make_model(vocab_size=vocab_size, lm_head_bias=bias)
     head = DecodeHead(model, 1)
-    assert head.weight is not None  # the CPU float32 path is the one under test
+    assert head.packed is not None  # the CPU float32 path is the one under test
     h = torch.randn(1, model.config.n_embd)
     with torch.inference_mode():
         torch.testing.assert_close(head(h), model.head_logits(h))
+    assert DecodeHead(model, 1).packed is head.packed  # kept between generations...
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-2.0)  # ...until the weights change (e.g. an optimizer step)
+        if bias:
+            model.lm_head.bias.add_(1.0)
+    head = DecodeHead(model, 1)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(h), model.head_logits(h))
+    assert DecodeHead(model, 2).packed is None  # batches use the model's own head
 
 
 # -- text --------------------------------------------------------------------------------------------

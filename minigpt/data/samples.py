@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from minigpt.tokenizer import EOT_ID, PAD_ID
+from minigpt.tokenizer import EOT_ID, IGNORE_INDEX, PAD_ID
 
 
 def _doc(ids: np.ndarray, offsets: np.ndarray, d: int) -> np.ndarray:
@@ -30,8 +30,8 @@ class RandomWindowDataset(Dataset):
     A review not longer than ``block_size`` is used whole, its target ending in ``<|endoftext|>``.
     """
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, block_size: int, seed: int = 0):
-        self.ids, self.offsets, self.block_size, self.seed = ids, offsets, block_size, seed
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, block_size: int, seed: int = 0, eot_id: int = EOT_ID):
+        self.ids, self.offsets, self.block_size, self.seed, self.eot_id = ids, offsets, block_size, seed, eot_id
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -40,7 +40,7 @@ class RandomWindowDataset(Dataset):
         doc = _doc(self.ids, self.offsets, index % len(self))
         T = self.block_size
         if len(doc) <= T:
-            s = np.append(doc, EOT_ID)
+            s = np.append(doc, self.eot_id)
             return _pair(s[:-1], s[1:])
         # A window needs T + 1 tokens; start is uniform over every possible start.
         start = int(np.random.default_rng((self.seed, index)).integers(0, len(doc) - T))
@@ -55,8 +55,8 @@ class PackedDataset(Dataset):
     (but the very first) exactly once.
     """
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, block_size: int):
-        self.stream = _join_with_eot(ids, offsets)
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, block_size: int, eot_id: int = EOT_ID):
+        self.stream = _join_with_eot(ids, offsets, eot_id)
         self.block_size = block_size
 
     def __len__(self) -> int:
@@ -75,14 +75,16 @@ class DocumentWindowDataset(Dataset):
     word, as between packed documents) and is cut into consecutive windows of ``block_size``
     targets; windows never cross documents and are identical on every pass. ``stride`` < block
     size gives later windows ``block_size - stride`` tokens of extra context, while each target is
-    still scored once (the overlap's targets are ``<pad>``, which the loss ignores).
+    still scored once (the overlap's targets are ``IGNORE_INDEX``, which the loss skips).
     """
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, block_size: int, stride: int | None = None):
+    def __init__(
+        self, ids: np.ndarray, offsets: np.ndarray, block_size: int, stride: int | None = None, eot_id: int = EOT_ID
+    ):
         stride = stride or block_size
         if not 1 <= stride <= block_size:
             raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
-        self.ids, self.offsets, self.block_size, self.stride = ids, offsets, block_size, stride
+        self.ids, self.offsets, self.block_size, self.stride, self.eot_id = ids, offsets, block_size, stride, eot_id
         windows = []
         for d in range(len(offsets) - 1):
             n_targets = int(offsets[d + 1] - offsets[d]) + 1  # every word and the final <eot>
@@ -96,19 +98,19 @@ class DocumentWindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         d, start = (int(v) for v in self.windows[index])
-        s = np.concatenate(([EOT_ID], _doc(self.ids, self.offsets, d), [EOT_ID]))
+        s = np.concatenate(([self.eot_id], _doc(self.ids, self.offsets, d), [self.eot_id]))
         x, y = s[start : start + self.block_size], s[start + 1 : start + self.block_size + 1].copy()
         if start > 0:  # targets already scored by the previous window are context only
-            y[: self.block_size - self.stride] = PAD_ID
+            y[: self.block_size - self.stride] = IGNORE_INDEX
         return _pair(x, y)
 
 
-def _join_with_eot(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _join_with_eot(ids: np.ndarray, offsets: np.ndarray, eot_id: int) -> np.ndarray:
     n_docs = len(offsets) - 1
     out = np.empty(len(ids) + n_docs, dtype=np.int64)
     # document d moves right by d slots (one <eot> after each earlier document)
     ends = offsets[1:] + np.arange(n_docs)
-    out[ends] = EOT_ID
+    out[ends] = eot_id
     mask = np.ones(len(out), dtype=bool)
     mask[ends] = False
     out[mask] = ids
@@ -119,11 +121,17 @@ def _pair(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.asarray(x, dtype=np.int64)), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack pairs into batch-first ``(B, T)`` long tensors, right-padded with ``<pad>``."""
+def pad_collate(
+    batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack pairs into batch-first ``(B, T)`` long tensors, right-padded.
+
+    Inputs are padded with ``pad_id`` (the tokenizer's ``<pad>``), targets with ``IGNORE_INDEX``,
+    so the loss skips padding by position whatever the tokenizer (GPT-2 has no pad token).
+    """
     T = max(len(x) for x, _ in batch)
-    xs = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
-    ys = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
+    xs = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    ys = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
     for i, (x, y) in enumerate(batch):
         xs[i, : len(x)] = x
         ys[i, : len(y)] = y
