@@ -67,6 +67,14 @@ def default_config() -> str:
 class MiniGPTCLI(LightningCLI):
     """LightningCLI with block/vocab size linked once, fixed checkpointing and same-folder resume."""
 
+    def __init__(self, *args, **kwargs):
+        # The options as typed, to tell values the user passed from values of a config file.
+        self.typed_args = list(kwargs.get("args") or sys.argv[1:])
+        super().__init__(*args, **kwargs)
+
+    def _passed(self, prefix: str) -> set[str]:
+        return {a.split("=")[0][len(prefix) :] for a in self.typed_args if a.startswith(prefix)}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.block_size", "model.config.block_size")
         # The vocabulary is known only once the data is tokenized: link it at instantiation.
@@ -86,14 +94,14 @@ class MiniGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg["model"].get("init_from"):
-            self._architecture_from(cfg, cfg["model"]["init_from"])
+            self._architecture_from(cfg, cfg["model"]["init_from"], self._passed("--model.config."))
         ckpt = cfg.get("ckpt_path")
         if ckpt:
             cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
             if self.subcommand == "fit":
                 self._continue_in_same_version(cfg, Path(ckpt))
             else:
-                self._config_from_checkpoint(cfg, ckpt)
+                self._config_from_checkpoint(cfg, ckpt, self._passed("--data."))
 
     @staticmethod
     def _continue_in_same_version(cfg, ckpt: Path) -> None:
@@ -115,10 +123,9 @@ class MiniGPTCLI(LightningCLI):
                 init["purge_step"] = int(step)  # events are logged at global_step - 1
 
     @staticmethod
-    def _architecture_from(cfg, init_from: str) -> None:
+    def _architecture_from(cfg, init_from: str, passed: set[str]) -> None:
         """Fine-tuning: the model's architecture (and a pretrained tokenizer) come from the checkpoint."""
         ckpt = load_checkpoint_file(init_from)
-        passed = {a.split("=")[0][len("--model.config.") :] for a in sys.argv if a.startswith("--model.config.")}
         for key, value in (ckpt["hyper_parameters"].get("config") or {}).items():
             if key not in ("vocab_size", "block_size", "dropout") and key not in passed:
                 cfg["model"]["config"][key] = value
@@ -133,14 +140,13 @@ class MiniGPTCLI(LightningCLI):
             cfg["data"]["tokenizer"] = init_from
 
     @staticmethod
-    def _config_from_checkpoint(cfg, ckpt: str) -> None:
+    def _config_from_checkpoint(cfg, ckpt: str, passed: set[str]) -> None:
         """validate/test --ckpt_path: build the model (and data vocab) the checkpoint was trained with."""
         hp = load_checkpoint_file(ckpt)
         for key, value in (hp["hyper_parameters"].get("config") or {}).items():
             if key not in ("vocab_size",):
                 cfg["model"]["config"][key] = value
         data = (hp.get("minigpt") or {}).get("data") or {}
-        passed = {a.split("=")[0][len("--data.") :] for a in sys.argv if a.startswith("--data.")}
         for key in ("source", "archive", "text_path", "min_freq", "max_size", "include_unsup", "val_fraction"):
             if key in data and key not in passed:
                 cfg["data"][key] = data[key]
