@@ -122,7 +122,7 @@ class GracefulStop(Callback):
             self._previous = None
         path = self.last_path(trainer)
         if trainer.global_step > 0 and _saved_step(path) != trainer.global_step:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
 
     @staticmethod
     def last_path(trainer: pl.Trainer) -> Path:
@@ -132,7 +132,7 @@ class GracefulStop(Callback):
 
     def save_last(self, trainer: pl.Trainer) -> Path:
         path = self.last_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         return path
 
 
