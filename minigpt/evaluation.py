@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from minigpt.data.samples import DocumentWindowDataset, pad_collate
 from minigpt.model import GPT
-from minigpt.tokenizer import EOT_ID, IGNORE_INDEX
+from minigpt.tokenizer import EOT_ID, IGNORE_INDEX, PAD_ID
 
 
 @dataclass
@@ -45,43 +48,49 @@ def flatten(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.concatenate(([0], np.cumsum(lengths)))
 
 
+NllFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(x, y) -> (summed NLL of the targets that are not IGNORE_INDEX, their number)."""
+
+
 @torch.inference_mode()
-def evaluate_ids(
-    model: GPT,
+def score_documents(
+    nll_fn: NllFn,
     ids: np.ndarray,
     offsets: np.ndarray,
     characters: int,
     *,
+    block_size: int,
     unk_index: int,
     eot_index: int = EOT_ID,
+    pad_index: int = PAD_ID,
     stride: int | None = None,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Score every token of every document once.
+    """Score every token of every document once with any model behind ``nll_fn``.
 
     Args:
-        model: the language model (put in eval mode here).
+        nll_fn: the model's scoring function (minigpt's or a Hugging Face model's).
         ids, offsets: documents as flat ids; document d is ids[offsets[d]:offsets[d+1]].
         characters: characters of the original text of these documents (for bits per character).
+        block_size: targets per window.
         unk_index: id of <unk> (its share among targets is reported; -1 for a tokenizer without one).
         eot_index: the tokenizer's <|endoftext|>, around each document.
+        pad_index: input filler of right-padded windows (their targets are IGNORE_INDEX).
         stride: window step; < block_size gives each window extra context (see DocumentWindowDataset).
         batch_size: windows per forward pass.
         device: where to run.
     """
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    ds = DocumentWindowDataset(ids, offsets, model.config.block_size, stride, eot_id=eot_index)
+    ds = DocumentWindowDataset(ids, offsets, block_size, stride, eot_id=eot_index)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=partial(pad_collate, pad_id=pad_index))
     nll, count, unk = 0.0, 0, 0
-    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=pad_collate):
+    for x, y in loader:
         x, y = x.to(device), y.to(device)
-        s, n = model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX)
+        s, n = nll_fn(x, y)
         nll += float(s)
         count += int(n)
         unk += int((y == unk_index).sum())
-    model.train(was_training)
     loss = nll / max(count, 1)
     return EvalResult(
         documents=len(offsets) - 1,
@@ -93,3 +102,29 @@ def evaluate_ids(
         unk_rate=unk / max(count, 1),
         seconds=time.perf_counter() - t0,
     )
+
+
+def evaluate_ids(
+    model: GPT,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    characters: int,
+    *,
+    unk_index: int,
+    eot_index: int = EOT_ID,
+    pad_index: int = PAD_ID,
+    stride: int | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """``score_documents`` with a minigpt model, on its own context length (eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return score_documents(
+            lambda x, y: model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX),
+            ids, offsets, characters, block_size=model.config.block_size, unk_index=unk_index,
+            eot_index=eot_index, pad_index=pad_index, stride=stride, batch_size=batch_size, device=device,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)

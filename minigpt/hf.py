@@ -22,8 +22,6 @@ Lightning-AI/litgpt `litgpt/scripts/convert_hf_checkpoint.py` and transformers' 
 from __future__ import annotations
 
 import inspect
-import math
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,16 +35,14 @@ from torch import Tensor
 
 from minigpt.bpe import BpeTokenizer
 from minigpt.config import GPTConfig
-from minigpt.evaluation import EvalResult
+from minigpt.evaluation import flatten, score_documents
 from minigpt.generation import GenerationResult, Tokenizer, check_sampling, encode_prompt, sample_next
 from minigpt.model import GPT
-from minigpt.tokenizer import Vocab
+from minigpt.tokenizer import IGNORE_INDEX, Vocab
 
 if TYPE_CHECKING:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-IGNORE_INDEX = -100
-"""Target id that the scoring functions here never count (not a token id of any vocabulary)."""
 
 _ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -452,25 +448,8 @@ def convert_to_hf(ckpt_path: str | Path, out_dir: str | Path, *, overwrite: bool
 # -- scoring -------------------------------------------------------------------------------------------
 
 
-def _document_windows(doc: list[int], eot: int, block_size: int, stride: int) -> Iterator[tuple[list[int], list[int]]]:
-    """(x, y) windows of `<eot> doc <eot>`, every target scored once (others are IGNORE_INDEX).
-
-    The same cut as `minigpt.data.samples.DocumentWindowDataset`: consecutive windows of `block_size`
-    targets stepping by `stride`; a later window's first block_size - stride targets are context only.
-    """
-    s = [eot, *doc, eot]
-    n_targets = len(doc) + 1
-    extra = max(0, -(-(n_targets - block_size) // stride))  # ceil: windows after the first
-    for w in range(extra + 1):
-        start = w * stride
-        x, y = s[start : start + block_size], list(s[start + 1 : start + block_size + 1])
-        if start > 0:
-            y[: block_size - stride] = [IGNORE_INDEX] * (block_size - stride)
-        yield x, y
-
-
 def _score_documents(
-    nll_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    nll_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
     tokenizer: Tokenizer,
     texts: Sequence[str],
     *,
@@ -479,43 +458,18 @@ def _score_documents(
     batch_size: int,
     device: torch.device,
 ) -> dict:
-    """Bits per character and friends of `texts` under `nll_fn(x, y, pad_mask) -> (nll sum, count)`."""
-    t0 = time.perf_counter()
-    stride = stride or block_size
-    if not 1 <= stride <= block_size:
-        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    """Bits per character and friends of `texts` under `nll_fn(x, y) -> (nll sum, count)`: the windows
+    of `minigpt.evaluation.score_documents`, with every special id taken from `tokenizer`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = list(texts)
     encode_batch = getattr(tokenizer, "encode_batch", None)
-    docs = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
-    windows = [w for doc in docs for w in _document_windows(doc, tokenizer.eot_index, block_size, stride)]
-    nll, count, unk = 0.0, 0, 0
-    for b in range(0, len(windows), batch_size):
-        batch = windows[b : b + batch_size]
-        T = max(len(x) for x, _ in batch)
-        x = torch.full((len(batch), T), tokenizer.pad_index, dtype=torch.long)
-        y = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-        pad_mask = torch.ones((len(batch), T), dtype=torch.bool)  # True at right padding
-        for i, (xi, yi) in enumerate(batch):
-            x[i, : len(xi)], y[i, : len(yi)], pad_mask[i, : len(xi)] = torch.tensor(xi), torch.tensor(yi), False
-        x, y, pad_mask = x.to(device), y.to(device), pad_mask.to(device)
-        s, n = nll_fn(x, y, pad_mask)
-        nll += float(s)
-        count += int(n)
-        unk += int((y == tokenizer.unk_index).sum())
-    characters = sum(map(len, texts))
-    loss = nll / max(count, 1)
-    return EvalResult(
-        documents=len(texts),
-        characters=characters,
-        tokens=count,
-        loss=loss,
-        perplexity=math.exp(min(loss, 700)),
-        bits_per_character=nll / math.log(2) / max(characters, 1),
-        unk_rate=unk / max(count, 1),
-        seconds=time.perf_counter() - t0,
-    ).to_dict()
+    ids, offsets = flatten(encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts])
+    return score_documents(
+        nll_fn, ids, offsets, sum(map(len, texts)), block_size=block_size, unk_index=tokenizer.unk_index,
+        eot_index=tokenizer.eot_index, pad_index=tokenizer.pad_index, stride=stride, batch_size=batch_size,
+        device=device,
+    ).to_dict()  # fmt: skip
 
 
 @torch.inference_mode()
@@ -553,8 +507,9 @@ def hf_bits_per_character(
         raise ValueError(f"block_size must be in [1, {context}] (the model's context), got {block_size}")
     device = next(hf_model.parameters()).device
 
-    def nll_fn(x: Tensor, y: Tensor, pad_mask: Tensor) -> tuple[Tensor, Tensor]:
-        logits = hf_model(input_ids=x, attention_mask=(~pad_mask).long(), use_cache=False).logits
+    def nll_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # Right padding after causal attention never changes the real positions: no attention mask.
+        logits = hf_model(input_ids=x, use_cache=False).logits
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return nll, (y != IGNORE_INDEX).sum()
 
@@ -588,8 +543,8 @@ def minigpt_bits_per_character(
     was_training = model.training
     model.eval()
 
-    def nll_fn(x: Tensor, y: Tensor, pad_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return model.loss_sum_and_count(x, y, pad_mask, ignore_index=IGNORE_INDEX)
+    def nll_fn(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX)
 
     try:
         return _score_documents(
