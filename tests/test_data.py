@@ -268,3 +268,22 @@ def test_real_archive(real_archive, tmp_path):
     for d in range(c.documents("test")):  # every test review decodes
         text = c.vocab.decode(ids[off[d] : off[d + 1]])
         assert text and len(text.split()) == off[d + 1] - off[d]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_encode_splits_equals_counter_vocab_and_encode(parallel, monkeypatch):
+    import minigpt.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_PARALLEL_MIN_DOCS", 1 if parallel else 10**9)
+    from conftest import review
+
+    train = [review(i, 5 + i % 11) for i in range(40)] + ["Zebra zebra, quagga!"]
+    val = [review(i + 100, 7) for i in range(9)] + ["an okapi appears"]
+    vocab, enc = corpus.encode_splits({"train": train, "val": val}, min_freq=1)
+    reference = Vocab.build(train)
+    assert vocab.itos == reference.itos
+    for name, texts in (("train", train), ("val", val)):
+        ids, offsets = enc[name]
+        assert [ids[offsets[d] : offsets[d + 1]].tolist() for d in range(len(texts))] == [
+            reference.encode(t) for t in texts
+        ]
