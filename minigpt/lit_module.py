@@ -118,7 +118,7 @@ class LitMiniGPT(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self._epoch_loss("val")
-        if loss is not None and not self.trainer.sanity_checking:
+        if loss is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             train = self.trainer.callback_metrics.get("train_loss")
             log.info(
                 "epoch %d step %d: val_loss %.4f val_ppl %.1f%s",
@@ -139,9 +139,11 @@ class LitMiniGPT(pl.LightningModule):
             return None
         total = self.trainer.strategy.reduce(torch.stack([sums[0], sums[1].double()]), reduce_op="sum")
         loss = float(total[0] / total[1].clamp(min=1))
-        self.log(f"{stage}_loss", loss, sync_dist=False)
-        self.log(f"{stage}_ppl", math.exp(min(loss, 700)), sync_dist=False)
-        self.log(f"{stage}_tokens", float(total[1]), sync_dist=False)
+        # Already summed over processes above; sync_dist only averages identical values (and keeps
+        # Lightning from warning that epoch-level metrics are not synced).
+        self.log(f"{stage}_loss", loss, sync_dist=True)
+        self.log(f"{stage}_ppl", math.exp(min(loss, 700)), sync_dist=True)
+        self.log(f"{stage}_tokens", float(total[1]), sync_dist=True)
         return loss
 
     def _log_throughput(self, batch: tuple[Tensor, Tensor]) -> None:
@@ -189,9 +191,8 @@ class LitMiniGPT(pl.LightningModule):
         """True on CPU: the fused kernel updates each weight in one pass over its value, gradient and two
         moments instead of about ten passes of the default per-tensor loop (about 20 ms instead of 220 ms
         per step for the tutorial model's 42M parameters on 2 cores), with the same arithmetic (a test
-        compares it with the default)."""
-        None (PyTorch's default) elsewhere: on CUDA the default foreach kernels are already fast, and a fused
-        optimizer would unscale 16-bit AMP gradients only after our clipping."""
+        compares it with the default). None (PyTorch's default) elsewhere: on CUDA the default foreach
+        kernels are already fast, and a fused optimizer would unscale 16-bit AMP gradients after our clipping."""
         params = [p for p in self.parameters() if p.requires_grad]
         return True if params and all(p.device.type == "cpu" and p.is_floating_point() for p in params) else None
 

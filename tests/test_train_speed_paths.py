@@ -1,0 +1,217 @@
+"""The training step's fast paths compute what the plain paths compute (issue 6).
+
+- the fused head + cross-entropy (`_ChunkedLinearCrossEntropy`): in-place softmax in a reused buffer, the last
+  chunk's gradient products deferred to the backward pass, -log(p) with an exact fallback for tiny p;
+- the fused Adam/AdamW that `LitMiniGPT.configure_optimizers` picks on CPU;
+- `scripts/bench_train.py` end to end at a tiny size.
+"""
+
+import copy
+import importlib.util
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import minigpt.model as model_module
+from minigpt.config import GPTConfig
+from minigpt.lit_module import LitMiniGPT
+from minigpt.model import GPT, lm_loss
+
+IGNORE = -100
+
+
+def tiny_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.tiny(vocab_size=48, block_size=12, **overrides))
+
+
+def batch(seed: int = 1, B: int = 4, T: int = 12, V: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[1, 7:] = IGNORE  # padding at the end of one row
+    targets[2, 3] = IGNORE  # a context-only position
+    return idx, targets
+
+
+def plain_loss_and_grads(model: GPT, idx, targets):
+    params = list(model.parameters())
+    loss = lm_loss(model(idx), targets, ignore_index=IGNORE)
+    return loss, torch.autograd.grad(loss, params)
+
+
+def assert_same_loss_and_grads(model: GPT, idx, targets, **loss_kw) -> None:
+    plain, plain_grads = plain_loss_and_grads(model, idx, targets)
+    fast = model.loss(idx, targets, ignore_index=IGNORE, **loss_kw)
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    for (name, _), g_plain, g_fast in zip(model.named_parameters(), plain_grads, fast_grads):
+        torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=0, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(), id="bias"),
+        pytest.param(dict(tie_weights=True, lm_head_bias=False, norm_first=True), id="tied-nobias"),
+    ],
+)
+@pytest.mark.parametrize(
+    "chunk_size",
+    [
+        pytest.param(None, id="one-chunk"),  # the default at this size: everything deferred to backward
+        pytest.param(7, id="equal-chunks"),  # 42 counted rows -> 6 chunks of 7
+        pytest.param(5, id="uneven-last"),  # 42 rows -> 9 chunks of 5, the last one shorter
+        pytest.param(1, id="row-by-row"),
+    ],
+)
+def test_fused_head_loss_and_gradients_equal_plain_path(overrides, chunk_size):
+    model = tiny_model(**overrides)
+    idx, targets = batch()
+    assert_same_loss_and_grads(model, idx, targets, chunk_size=chunk_size)
+
+
+def test_fused_head_scales_gradients_by_the_upstream_gradient():
+    # The backward pass folds the upstream gradient into its products: check a scale other than 1/count.
+    model = tiny_model()
+    idx, targets = batch(seed=3)
+    params = list(model.parameters())
+    logits = model(idx)
+    ref = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    ref_grads = torch.autograd.grad(ref * 0.37, params)
+    for chunk_size in (None, 5):
+        nll_sum, _ = model.loss_sum_and_count(idx, targets, ignore_index=IGNORE, chunk_size=chunk_size)
+        torch.testing.assert_close(nll_sum, ref, atol=1e-4, rtol=1e-6)
+        grads = torch.autograd.grad(nll_sum * 0.37, params)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
+
+
+def test_fused_head_is_exact_when_the_target_probability_underflows():
+    # Huge head weights make some target probabilities far below float32's normal range (loss >> 87 nats):
+    # -log(p) would be inf there, so those rows must be recomputed through log_softmax.
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(400.0)
+    idx, targets = batch(seed=5)
+    plain, plain_grads = plain_loss_and_grads(model, idx, targets)
+    assert plain.item() > 100  # the mean is dominated by rows whose target probability underflows
+    for chunk_size in (None, 5):
+        fast = model.loss(idx, targets, ignore_index=IGNORE, chunk_size=chunk_size)
+        assert torch.isfinite(fast)
+        torch.testing.assert_close(fast, plain, atol=1e-3, rtol=1e-6)
+        # Gradients are in the hundreds here: compare them relative to their size.
+        grads = torch.autograd.grad(fast, list(model.parameters()))
+        for g, r in zip(grads, plain_grads):
+            torch.testing.assert_close(g, r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=0)
+
+
+def test_no_grad_path_gives_the_same_loss_and_keeps_the_buffer():
+    model = tiny_model()
+    idx, targets = batch()
+    plain, _ = plain_loss_and_grads(model, idx, targets)
+    with torch.no_grad():
+        first = model.loss(idx, targets, ignore_index=IGNORE)
+        ptr = model._loss_workspace._buffer.data_ptr()
+        second = model.loss(idx, targets, ignore_index=IGNORE, chunk_size=5)
+    torch.testing.assert_close(first, plain.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, plain.detach(), atol=1e-5, rtol=0)
+    assert model._loss_workspace._buffer.data_ptr() == ptr  # reused, not reallocated
+
+
+def test_two_pending_losses_never_share_the_buffer():
+    # Two forward passes before one backward (e.g. summing two batches' losses): each keeps its own buffer.
+    model = tiny_model()
+    (a_idx, a_t), (b_idx, b_t) = batch(seed=1), batch(seed=2)
+    params = list(model.parameters())
+    fast = model.loss(a_idx, a_t, ignore_index=IGNORE) + model.loss(b_idx, b_t, ignore_index=IGNORE)
+    fast_grads = torch.autograd.grad(fast, params)
+    plain = lm_loss(model(a_idx), a_t, ignore_index=IGNORE) + lm_loss(model(b_idx), b_t, ignore_index=IGNORE)
+    plain_grads = torch.autograd.grad(plain, params)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    for g_fast, g_plain in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=0)
+
+
+def test_second_backward_through_the_loss_is_refused_clearly():
+    model = tiny_model()
+    idx, targets = batch()
+    loss = model.loss(idx, targets, ignore_index=IGNORE)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated only once"):
+        loss.backward()
+
+
+def test_buffer_is_not_copied_or_pickled_with_the_model():
+    model = tiny_model()
+    idx, targets = batch()
+    with torch.no_grad():
+        model.loss(idx, targets, ignore_index=IGNORE)
+    assert model._loss_workspace._buffer is not None
+    assert copy.deepcopy(model)._loss_workspace._buffer is None
+    assert pickle.loads(pickle.dumps(model))._loss_workspace._buffer is None
+    assert not any("workspace" in k for k in model.state_dict())
+
+
+def test_default_chunking_keeps_whole_batches_of_the_tutorial_size_in_one_chunk():
+    # 32 x 30 rows at a 100,000-word vocabulary fit one chunk; block 128 takes equal chunks of 1,024.
+    rows = model_module._LOSS_CHUNK_ELEMENTS // 100_000
+    assert rows >= 32 * 30
+    n_chunks = -(-32 * 128 // rows)
+    assert -(-32 * 128 // n_chunks) == 1024
+
+
+# -- optimizer -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_configured_optimizer_is_fused_on_cpu_and_steps_like_plain_adam(optimizer):
+    torch.manual_seed(0)
+    lit = LitMiniGPT(GPTConfig.tiny(vocab_size=48, block_size=12), optimizer=optimizer, lr=1e-2, weight_decay=0.01)
+    reference = copy.deepcopy(lit)
+    opt = lit.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is True
+    # The plain optimizer with the same settings and parameter groups, PyTorch's default implementation.
+    by_name = dict(reference.named_parameters())
+    names = {id(p): n for n, p in lit.named_parameters()}
+    plain_groups = [
+        {k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}
+        | {"params": [by_name[names[id(p)]] for p in g["params"]]}
+        for g in opt.param_groups
+    ]
+    plain = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(plain_groups, foreach=False)
+    for step in range(3):
+        # The same gradients for both (from the plain model): a gradient that is zero up to rounding noise,
+        # like the key bias's, would otherwise make Adam's normalised updates differ by up to lr.
+        idx, targets = batch(seed=step)
+        reference.zero_grad()
+        reference.model.loss(idx, targets, ignore_index=IGNORE).backward()
+        for p, q in zip(lit.parameters(), reference.parameters()):
+            p.grad = q.grad.clone()
+        opt.step()
+        plain.step()
+    for (name, p), q in zip(lit.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=f"{name} after 3 steps")
+    for p, q in zip(lit.parameters(), reference.parameters()):
+        s, t = opt.state[p], plain.state[q]
+        torch.testing.assert_close(s["exp_avg"], t["exp_avg"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(s["exp_avg_sq"], t["exp_avg_sq"], atol=1e-6, rtol=0)
+
+
+# -- the benchmark script ------------------------------------------------------------------------------
+def test_bench_train_runs_at_a_tiny_size(monkeypatch):
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, value in dict(WIDTH=16, D_FF=32, VOCAB=64, BATCH=2).items():
+        monkeypatch.setattr(bench, name, value)
+    meter = bench.Meter(torch.device("cpu"))
+    r = bench.bench_block(8, warmup=1, steps=2, device=torch.device("cpu"), meter=meter)
+    for key in ("minigpt_tok_s", "tutorial_tok_s", "hf_tok_s", "vs_tutorial", "vs_hf", "bound_tok_s"):
+        assert r[key] > 0, key
+    if meter.memory_ok:
+        assert r["minigpt_peak_rss_mb"] > 0 and r["hf_peak_rss_mb"] > 0
