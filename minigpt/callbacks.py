@@ -98,7 +98,8 @@ class GracefulStop(Callback):
         self.requested = False
         self._previous = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # From the start of fit (before the sanity check), so no early Ctrl-C is lost.
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread (e.g. inside a notebook worker): keep default
@@ -116,10 +117,12 @@ class GracefulStop(Callback):
             log.warning("saved %s; resume with: minigpt fit ... --ckpt_path last", path)
             trainer.should_stop = True
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = self.last_path(trainer)
         if trainer.global_step > 0 and _saved_step(path) != trainer.global_step:
             trainer.save_checkpoint(path, weights_only=False)

@@ -22,6 +22,7 @@ import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from minigpt.callbacks import GenerationCallback, GracefulStop
 from minigpt.checkpointing import AtomicCheckpointIO
@@ -42,6 +43,12 @@ OWN_COMMANDS = {
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
+
+
+# What main() reports as one line and exit code 2 (anything else is a bug and keeps its traceback).
+USER_ERRORS = (
+    UserError, DataError, ValueError, FileNotFoundError, ArgumentError, FloatingPointError, MisconfigurationException
+)  # fmt: skip
 
 
 def _fail(message: str) -> None:
@@ -71,6 +78,15 @@ class MiniGPTCLI(LightningCLI):
         # The options as typed, to tell values the user passed from values of a config file.
         self.typed_args = list(kwargs.get("args") or sys.argv[1:])
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyper-parameters here, before any hook: check the file
+        # first so a missing, empty, corrupt or foreign one is one line, not a traceback.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best"):
+            load_checkpoint_file(ckpt)
+        super()._parse_ckpt_path()
 
     def _passed(self, prefix: str) -> set[str]:
         return {a.split("=")[0][len(prefix) :] for a in self.typed_args if a.startswith(prefix)}
@@ -570,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
             compare(rest)
         else:
             _fail(f"unknown command {command!r}; run 'minigpt --help' for the list")
-    except (UserError, DataError, ValueError, FileNotFoundError, ArgumentError, FloatingPointError) as err:
+    except USER_ERRORS as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")

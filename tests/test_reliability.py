@@ -74,7 +74,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(corpus, tmp_path):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
-    proc = subprocess.Popen(fit_args(corpus, "--trainer.max_steps", "100000", "--trainer.val_check_interval", "50"),
+    long_run = ("--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", "--trainer.val_check_interval", "50")
+    proc = subprocess.Popen(fit_args(corpus, *long_run),
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     events = tmp_path / "lightning_logs" / "version_0"
     deadline = time.time() + 120
@@ -90,7 +91,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
     assert step > 0
     resumed = run(fit_args(corpus, "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert last_step(ckpt) == step + 3
+    assert last_step(ckpt) == step + 3, resumed.stderr[-3000:]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
