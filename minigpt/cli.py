@@ -361,7 +361,9 @@ def evaluate(argv: list[str]) -> None:
     p.add_argument("--split", default="test", help="test | val | train | unsup of the checkpoint's data")
     p.add_argument("--text_file", default=None, help="plain text (documents separated by blank lines) or JSONL")
     p.add_argument("--archive", default=None, help="aclImdb_v1.tar.gz to read the split from (else the run's data)")
-    p.add_argument("--max_docs", type=int | None, default=None, help="only the first N documents")
+    p.add_argument(
+        "--max_docs", type=int | None, default=None, help="only N documents, spread evenly over the split or file"
+    )
     p.add_argument("--stride", type=int | None, default=None, help="window step (< block_size: more context)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
@@ -372,7 +374,7 @@ def evaluate(argv: list[str]) -> None:
     model, tokenizer = load_model(a.ckpt_path, map_location=device)
     if a.text_file:
         docs, what = _text_file_documents(a.text_file), a.text_file
-        texts = docs[: a.max_docs]
+        texts = [docs[i] for i in spread(len(docs), a.max_docs)]
         ids, offsets = flatten([tokenizer.encode(t) for t in texts])
         chars = sum(map(len, texts))
     else:
@@ -415,7 +417,8 @@ def _split_documents(ckpt_path: str, tokenizer, split: str, archive: str | None,
         path = kwargs.get("archive")
         if not path:
             raise UserError("--split unsup needs the official archive: pass --archive PATH/aclImdb_v1.tar.gz")
-        texts = [d.text for d in read_imdb(path, ("unsup",))["unsup"][:max_docs]]
+        docs = read_imdb(path, ("unsup",))["unsup"]
+        texts = [docs[i].text for i in spread(len(docs), max_docs)]
         ids, offsets = _flatten_encoded(tokenizer, texts)
         return ids, offsets, sum(map(len, texts)), f"{path} unsup"
     corpus = IMDBDataModule(**kwargs).corpus
@@ -429,14 +432,22 @@ def _split_documents(ckpt_path: str, tokenizer, split: str, archive: str | None,
             "the checkpoint's vocabulary differs from this data's; evaluate with the data it was trained on"
         )
     s = corpus.splits[split]
-    n = corpus.documents(split) if max_docs is None else min(max_docs, corpus.documents(split))
-    offsets = np.asarray(s["offsets"][: n + 1])
-    return (
-        np.asarray(s["ids"][: offsets[-1]]),
-        offsets,
-        int(np.asarray(s["chars"][:n]).sum()),
-        f"{corpus.source} {split}",
-    )
+    ids, offsets, chars = np.asarray(s["ids"]), np.asarray(s["offsets"]), np.asarray(s["chars"])
+    if max_docs is not None and max_docs < corpus.documents(split):
+        keep = spread(corpus.documents(split), max_docs)
+        lengths = offsets[keep + 1] - offsets[keep]
+        ids = np.concatenate([ids[offsets[d] : offsets[d + 1]] for d in keep])
+        offsets, chars = np.concatenate(([0], np.cumsum(lengths))), chars[keep]
+    return ids, offsets, int(chars.sum()), f"{corpus.source} {split}"
+
+
+def spread(total: int, n: int | None) -> np.ndarray:
+    """n document indices spread evenly over 0..total-1 (all of them when n is None or >= total).
+
+    Splits are stored sorted by label, so the first n would all be negative reviews."""
+    if n is None or n >= total:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
 
 
 def _data_kwargs(data: dict, archive: str | None) -> dict:
@@ -524,7 +535,8 @@ def compare(argv: list[str]) -> None:
 def _compare_texts(a, tokenizer) -> list[str]:
     """The texts both models score: --text_file, or raw reviews of --split."""
     if a.text_file:
-        return _text_file_documents(a.text_file)[: a.max_docs]
+        docs = _text_file_documents(a.text_file)
+        return [docs[i] for i in spread(len(docs), a.max_docs)]
     if not a.split:
         return []
     from minigpt.data.corpus import _read, resolve_source
@@ -537,7 +549,8 @@ def _compare_texts(a, tokenizer) -> list[str]:
     splits = _read(spec, kind, path)
     if a.split not in splits:
         raise UserError(f"the {kind} data has no {a.split!r} split; for test pass --archive PATH/aclImdb_v1.tar.gz")
-    return [d.text for d in splits[a.split][: a.max_docs]]
+    docs = splits[a.split]
+    return [docs[i].text for i in spread(len(docs), a.max_docs)]
 
 
 # -- entry point -------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class LitMiniGPT(pl.LightningModule):
         decay_steps: int | None = None,
         min_lr: float = 0.0,
         init_from: str | None = None,
+        compile: bool = False,
     ):
         """
         Args:
@@ -59,6 +60,8 @@ class LitMiniGPT(pl.LightningModule):
             min_lr: "cosine": final learning rate.
             init_from: a minigpt checkpoint whose weights start this run (fine-tuning); its
                 vocabulary must equal the data's.
+            compile: ``torch.compile`` the model (in place, so checkpoints keep their keys). Worth
+                it on a GPU; off by default because on CPU compiling costs more than it saves here.
         """
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
@@ -207,6 +210,11 @@ class LitMiniGPT(pl.LightningModule):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     # -- what a checkpoint carries ------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         vocab = getattr(dm, "vocab", None)

@@ -95,3 +95,11 @@ def test_flatten():
     ids, offsets = flatten([[3, 4], [], [5]])
     assert ids.tolist() == [3, 4, 5] and offsets.tolist() == [0, 2, 2, 3]
     assert ids.dtype == np.int64
+
+
+def test_max_docs_spreads_over_the_split():
+    from minigpt.cli import spread
+
+    assert spread(10, 3).tolist() == [0, 4, 9]  # both ends of a label-sorted split, not its first label only
+    assert spread(5, None).tolist() == spread(5, 9).tolist() == [0, 1, 2, 3, 4]
+    assert len(spread(25_000, 2_500)) == 2_500

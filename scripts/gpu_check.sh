@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one short script (about 6 minutes on one H100/H200):
+# the training and generation benchmarks on the GPU, then a 2-minute `minigpt fit` with bf16-mixed
+# and torch.compile, and an evaluation of its checkpoint. Results go to $OUT (default ./gpu_check).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_check}"
+mkdir -p "$OUT"
+export MINIGPT_CACHE="${MINIGPT_CACHE:-$OUT/cache}"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+python scripts/bench_train.py --json 2>&1 | tee "$OUT/bench_train.txt"
+python scripts/bench_generate.py --json 2>&1 | tee "$OUT/bench_generate.txt"
+minigpt fit --config configs/imdb.yaml --trainer.precision bf16-mixed --model.compile true \
+    --trainer.max_time 00:00:02:00 --trainer.enable_progress_bar false --trainer.default_root_dir "$OUT" \
+    2>&1 | tee "$OUT/fit.txt"
+minigpt evaluate --ckpt_path "$(ls -t lightning_logs/version_*/checkpoints/last.ckpt | head -1)" --split val --json \
+    2>&1 | tee "$OUT/evaluate.txt"
