@@ -89,7 +89,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
     ckpt = events / "checkpoints" / "last.ckpt"
     step = last_step(ckpt)
     assert step > 0
-    resumed = run(fit_args(corpus, "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"), tmp_path)
+    more = ("--trainer.max_epochs", "100000", "--trainer.max_steps", str(step + 3), "--ckpt_path", "last")
+    resumed = run(fit_args(corpus, *more), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert last_step(ckpt) == step + 3, resumed.stderr[-3000:]
 
