@@ -77,7 +77,14 @@ class MiniGPTCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         # The options as typed, to tell values the user passed from values of a config file.
         self.typed_args = list(kwargs.get("args") or sys.argv[1:])
+        self._checkpoints: dict[str, dict] = {}
         super().__init__(*args, **kwargs)
+
+    def _checkpoint(self, path: str) -> dict:
+        """Each checkpoint file read once per command (several hooks below need it)."""
+        if path not in self._checkpoints:
+            self._checkpoints[path] = load_checkpoint_file(path)
+        return self._checkpoints[path]
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyper-parameters here, before any hook: check the file
@@ -85,7 +92,7 @@ class MiniGPTCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt not in ("last", "best"):
-            load_checkpoint_file(ckpt)
+            self._checkpoint(ckpt)
         super()._parse_ckpt_path()
 
     def _passed(self, prefix: str) -> set[str]:
@@ -110,17 +117,18 @@ class MiniGPTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg["model"].get("init_from"):
-            self._architecture_from(cfg, cfg["model"]["init_from"], self._passed("--model.config."))
+            init_from = cfg["model"]["init_from"]
+            self._architecture_from(cfg, init_from, self._checkpoint(init_from), self._passed("--model.config."))
         ckpt = cfg.get("ckpt_path")
         if ckpt:
             cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
             if self.subcommand == "fit":
-                self._continue_in_same_version(cfg, Path(ckpt))
+                self._continue_in_same_version(cfg, Path(ckpt), self._checkpoint(ckpt))
             else:
-                self._config_from_checkpoint(cfg, ckpt, self._passed("--data."))
+                self._config_from_checkpoint(cfg, self._checkpoint(ckpt), self._passed("--data."))
 
     @staticmethod
-    def _continue_in_same_version(cfg, ckpt: Path) -> None:
+    def _continue_in_same_version(cfg, ckpt: Path, loaded: dict) -> None:
         """A resumed run logs into the checkpoint's lightning_logs/version_N, from its step on."""
         logger = cfg["trainer"].get("logger")
         if not isinstance(logger, dict | type(cfg)) or "TensorBoardLogger" not in str(logger.get("class_path", "")):
@@ -134,14 +142,13 @@ class MiniGPTCLI(LightningCLI):
             init["name"] = version_dir.parent.name
             init["version"] = version_dir.name
             # Drop events a killed run logged after this checkpoint: one continuous curve.
-            step = load_checkpoint_file(str(ckpt)).get("global_step")
+            step = loaded.get("global_step")
             if step:
                 init["purge_step"] = int(step)  # events are logged at global_step - 1
 
     @staticmethod
-    def _architecture_from(cfg, init_from: str, passed: set[str]) -> None:
+    def _architecture_from(cfg, init_from: str, ckpt: dict, passed: set[str]) -> None:
         """Fine-tuning: the model's architecture (and a pretrained tokenizer) come from the checkpoint."""
-        ckpt = load_checkpoint_file(init_from)
         for key, value in (ckpt["hyper_parameters"].get("config") or {}).items():
             if key not in ("vocab_size", "block_size", "dropout") and key not in passed:
                 cfg["model"]["config"][key] = value
@@ -156,9 +163,10 @@ class MiniGPTCLI(LightningCLI):
             cfg["data"]["tokenizer"] = init_from
 
     @staticmethod
-    def _config_from_checkpoint(cfg, ckpt: str, passed: set[str]) -> None:
-        """validate/test --ckpt_path: build the model (and data vocab) the checkpoint was trained with."""
-        hp = load_checkpoint_file(ckpt)
+    def _config_from_checkpoint(cfg, hp: dict, passed: set[str]) -> None:
+        """validate/test --ckpt_path: build the model (and data vocab) the checkpoint was trained with.
+
+        Lightning fills the model from an explicit path already; ``last``/``best`` need this."""
         for key, value in (hp["hyper_parameters"].get("config") or {}).items():
             if key not in ("vocab_size",):
                 cfg["model"]["config"][key] = value
@@ -170,7 +178,7 @@ class MiniGPTCLI(LightningCLI):
 
 
 def resolve_ckpt_path(ckpt: str, cfg) -> str:
-    """``last`` -> the newest lightning_logs/version_*/checkpoints/last.ckpt; else check the file."""
+    """``last``/``best`` -> the newest such file under lightning_logs/version_*/checkpoints/; else the path."""
     if ckpt in ("last", "best"):
         logger = cfg["trainer"].get("logger") or {}
         init = logger.get("init_args", {}) if hasattr(logger, "get") else {}
@@ -182,8 +190,7 @@ def resolve_ckpt_path(ckpt: str, cfg) -> str:
         if not found:
             raise UserError(f"--ckpt_path {ckpt}: no {pattern} under {root}/version_*/checkpoints/")
         return str(found[-1])
-    load_checkpoint_file(ckpt)  # one clear line for a missing, empty, corrupt or foreign file
-    return ckpt
+    return ckpt  # a given file was checked when Lightning's _parse_ckpt_path ran
 
 
 def run_lightning_cli(command: str, argv: list[str]) -> None:
@@ -353,8 +360,9 @@ def _stream_piece(tokenizer, tokens: list[int], shown: str, *, raw: bool) -> str
 
 # -- minigpt evaluate ---------------------------------------------------------------------------------
 def evaluate(argv: list[str]) -> None:
-    from minigpt.evaluation import evaluate_ids, flatten
-    from minigpt.lit_module import load_model
+    from minigpt.data.corpus import encode_documents
+    from minigpt.evaluation import evaluate_ids
+    from minigpt.lit_module import model_from_checkpoint
 
     p = ArgumentParser(prog="minigpt evaluate", description=OWN_COMMANDS["evaluate"], exit_on_error=False)
     p.add_argument("--ckpt_path", required=True, help="a minigpt checkpoint")
@@ -371,14 +379,15 @@ def evaluate(argv: list[str]) -> None:
     if a.max_docs is not None and a.max_docs < 1:
         raise UserError(f"--max_docs must be >= 1, got {a.max_docs}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(a.ckpt_path, map_location=device)
+    ckpt = load_checkpoint_file(a.ckpt_path, map_location=device)
+    model, tokenizer = model_from_checkpoint(ckpt, a.ckpt_path)
     if a.text_file:
         docs, what = _text_file_documents(a.text_file), a.text_file
         texts = [docs[i] for i in spread(len(docs), a.max_docs)]
-        ids, offsets = flatten([tokenizer.encode(t) for t in texts])
+        ids, offsets = encode_documents(tokenizer, texts)
         chars = sum(map(len, texts))
     else:
-        ids, offsets, chars, what = _split_documents(a.ckpt_path, tokenizer, a.split, a.archive, a.max_docs)
+        ids, offsets, chars, what = _split_documents(ckpt, tokenizer, a.split, a.archive, a.max_docs)
     result = evaluate_ids(
         model, ids, offsets, chars, unk_index=tokenizer.unk_index, eot_index=tokenizer.eot_index, stride=a.stride,
         batch_size=a.batch_size,
@@ -405,21 +414,19 @@ def _text_file_documents(path: str) -> list[str]:
     return docs
 
 
-def _split_documents(ckpt_path: str, tokenizer, split: str, archive: str | None, max_docs: int | None):
+def _split_documents(ckpt: dict, tokenizer, split: str, archive: str | None, max_docs: int | None):
     """The run's own data split, from the token cache (same windows as `minigpt test`)."""
-
+    from minigpt.data.corpus import encode_documents
     from minigpt.data.sources import read_imdb
 
-    ckpt = load_checkpoint_file(ckpt_path)
-    data = dict((ckpt.get("minigpt") or {}).get("data") or {})
-    kwargs = _data_kwargs(data, archive)
+    kwargs = _data_kwargs(ckpt, archive)
     if split == "unsup":
         path = kwargs.get("archive")
         if not path:
             raise UserError("--split unsup needs the official archive: pass --archive PATH/aclImdb_v1.tar.gz")
         docs = read_imdb(path, ("unsup",))["unsup"]
         texts = [docs[i].text for i in spread(len(docs), max_docs)]
-        ids, offsets = _flatten_encoded(tokenizer, texts)
+        ids, offsets = encode_documents(tokenizer, texts)
         return ids, offsets, sum(map(len, texts)), f"{path} unsup"
     corpus = IMDBDataModule(**kwargs).corpus
     if split not in corpus.splits:
@@ -450,21 +457,16 @@ def spread(total: int, n: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
 
 
-def _data_kwargs(data: dict, archive: str | None) -> dict:
+def _data_kwargs(ckpt: dict, archive: str | None) -> dict:
     """The data module arguments a checkpoint was trained with (optionally on another archive)."""
     import inspect
 
+    data = (ckpt.get("minigpt") or {}).get("data") or {}
     known = inspect.signature(IMDBDataModule.__init__).parameters
     kwargs = {k: v for k, v in data.items() if k in known}
     if archive:
         kwargs.update(source="imdb", archive=archive)
     return kwargs
-
-
-def _flatten_encoded(tokenizer, texts: list[str]):
-    from minigpt.evaluation import flatten
-
-    return flatten([tokenizer.encode(t) for t in texts])
 
 
 # -- minigpt convert / compare ------------------------------------------------------------------------
@@ -504,14 +506,15 @@ def compare(argv: list[str]) -> None:
     a = p.parse_args(argv)
     from minigpt.generation import check_sampling, generate_text
     from minigpt.hf import hf_bits_per_character, hf_generate_text, load_hf_gpt2, minigpt_bits_per_character
-    from minigpt.lit_module import load_model
+    from minigpt.lit_module import model_from_checkpoint
 
     check_sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     if a.max_docs < 1:
         raise UserError(f"--max_docs must be >= 1, got {a.max_docs}")
-    model, tok = load_model(a.ckpt_path)
+    ckpt = load_checkpoint_file(a.ckpt_path)
+    model, tok = model_from_checkpoint(ckpt, a.ckpt_path)
     hf_model, hf_tok = load_hf_gpt2(a.hf_model)
-    texts = _compare_texts(a, tok)
+    texts = _compare_texts(a, ckpt)
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     samples = []
     for prompt in a.prompt or ["the movie was"]:
@@ -532,21 +535,18 @@ def compare(argv: list[str]) -> None:
         print(json.dumps(result))
 
 
-def _compare_texts(a, tokenizer) -> list[str]:
+def _compare_texts(a, ckpt: dict) -> list[str]:
     """The texts both models score: --text_file, or raw reviews of --split."""
     if a.text_file:
         docs = _text_file_documents(a.text_file)
         return [docs[i] for i in spread(len(docs), a.max_docs)]
     if not a.split:
         return []
-    from minigpt.data.corpus import _read, resolve_source
-    from minigpt.data.sources import default_cache_dir
+    from minigpt.data.corpus import read_splits, resolve_source
 
-    ckpt = load_checkpoint_file(a.ckpt_path)
-    data = dict((ckpt.get("minigpt") or {}).get("data") or {})
-    spec = IMDBDataModule(**_data_kwargs(data, a.archive)).spec
-    kind, path = resolve_source(spec, Path(data.get("cache_dir") or default_cache_dir()))
-    splits = _read(spec, kind, path)
+    dm = IMDBDataModule(**_data_kwargs(ckpt, a.archive))
+    kind, path = resolve_source(dm.spec, dm.cache_dir)
+    splits = read_splits(dm.spec, kind, path)
     if a.split not in splits:
         raise UserError(f"the {kind} data has no {a.split!r} split; for test pass --archive PATH/aclImdb_v1.tar.gz")
     docs = splits[a.split]

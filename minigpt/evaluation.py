@@ -41,13 +41,6 @@ class EvalResult:
         return asdict(self)
 
 
-def flatten(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token id lists -> (ids, offsets), the layout every dataset reads."""
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    ids = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
-    return ids, np.concatenate(([0], np.cumsum(lengths)))
-
-
 NllFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """(x, y) -> (summed NLL of the targets that are not IGNORE_INDEX, their number)."""
 

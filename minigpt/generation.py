@@ -141,8 +141,7 @@ def check_sampling(
     """
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(
-            f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's distribution), "
-            f"got {temperature!r}."
+            f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's distribution), got {temperature!r}."
         )
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None to keep every token), got {top_k!r}.")
@@ -193,9 +192,7 @@ def sample_next(
     Raises:
         ValueError: a sampling setting is out of range, or `logits` is not 2-D.
     """
-    check_sampling(
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-    )
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if logits.dim() != 2:
         raise ValueError(f"logits must be a (batch, vocab_size) tensor, got shape {tuple(logits.shape)}.")
     return _sample(logits, temperature, top_k, top_p, repetition_penalty, prev_ids, generator)
@@ -278,9 +275,7 @@ def stream(
     Raises:
         ValueError: empty or out-of-vocabulary prompts, or bad sampling settings.
     """
-    check_sampling(
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-    )
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
     prompts = _as_batch(prompt_ids, model.config.vocab_size)
@@ -381,9 +376,7 @@ def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]], vocab_size: i
             raise ValueError(f"prompt {n} of the batch is empty: every prompt needs at least one token.")
         if not all(_is_int(i) and 0 <= i < vocab_size for i in prompt):
             bad = next(i for i in prompt if not (_is_int(i) and 0 <= i < vocab_size))
-            raise ValueError(
-                f"prompt {n} holds {bad!r}, not a token id of this model (integers in [0, {vocab_size}))."
-            )
+            raise ValueError(f"prompt {n} holds {bad!r}, not a token id of this model (integers in [0, {vocab_size})).")
     return prompts
 
 
@@ -463,9 +456,7 @@ def _decode_steps(
                 return
 
 
-def _window(
-    seq: Tensor, pad: Tensor, start: int, n: int, padded: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _window(seq: Tensor, pad: Tensor, start: int, n: int, padded: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Columns [start, n) of the left-padded rows with their key padding mask and own positions.
 
     A row alone would read its last block_size tokens from position 0; in the shared window its tokens

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from minigpt.bpe import BpeTokenizer
 from minigpt.config import GPTConfig
-from minigpt.evaluation import flatten, score_documents
+from minigpt.data.corpus import encode_documents
+from minigpt.evaluation import score_documents
 from minigpt.generation import GenerationResult, Tokenizer, check_sampling, encode_prompt, sample_next
 from minigpt.model import GPT
 from minigpt.tokenizer import IGNORE_INDEX, Vocab
@@ -463,8 +464,7 @@ def _score_documents(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = list(texts)
-    encode_batch = getattr(tokenizer, "encode_batch", None)
-    ids, offsets = flatten(encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts])
+    ids, offsets = encode_documents(tokenizer, texts)
     return score_documents(
         nll_fn, ids, offsets, sum(map(len, texts)), block_size=block_size, unk_index=tokenizer.unk_index,
         eot_index=tokenizer.eot_index, pad_index=tokenizer.pad_index, stride=stride, batch_size=batch_size,

@@ -263,7 +263,7 @@ class LitMiniGPT(pl.LightningModule):
 
     def _init_from(self, path: str) -> None:
         ckpt = load_checkpoint_file(path)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        state = model_state(ckpt)
         wpe = state.get("transformer.wpe.weight")
         if wpe is not None and wpe.size(0) > self.config.block_size:
             # Fine-tuning with a shorter context: the first block_size learned positions are the same.
@@ -298,14 +298,23 @@ def load_checkpoint_file(path: str, map_location: str | torch.device = "cpu") ->
     return ckpt
 
 
-def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[GPT, Vocab]:
-    """The pure model and its tokenizer from a checkpoint alone (no data, no Trainer)."""
-    ckpt = load_checkpoint_file(path, map_location)
+def model_state(ckpt: dict) -> dict[str, Tensor]:
+    """The pure model's state dict inside a LitMiniGPT checkpoint (keys without the "model." prefix)."""
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+
+
+def model_from_checkpoint(ckpt: dict, path: str = "the checkpoint") -> tuple[GPT, Vocab]:
+    """The pure model (eval mode) and its tokenizer from a loaded checkpoint (no data, no Trainer)."""
     cfg = ckpt["hyper_parameters"].get("config")
     tok = (ckpt.get("minigpt") or {}).get("tokenizer")
     if not isinstance(cfg, dict) or not tok:
         raise ValueError(f"{path} is not a minigpt checkpoint (no model config or tokenizer inside)")
     model = GPT(GPTConfig(**cfg))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    model.load_state_dict(model_state(ckpt))
     model.eval()
     return model, tokenizer_from_dict(tok)
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[GPT, Vocab]:
+    """The pure model and its tokenizer from a checkpoint file alone."""
+    return model_from_checkpoint(load_checkpoint_file(path, map_location), path)

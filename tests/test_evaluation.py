@@ -8,7 +8,8 @@ import torch
 
 from minigpt.cli import main
 from minigpt.config import GPTConfig
-from minigpt.evaluation import evaluate_ids, flatten
+from minigpt.data.samples import flatten
+from minigpt.evaluation import evaluate_ids
 from minigpt.model import GPT
 from minigpt.tokenizer import EOT_ID, Vocab
 

@@ -21,7 +21,8 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHead
 
 from minigpt.bpe import BpeTokenizer  # noqa: E402
 from minigpt.config import GPTConfig  # noqa: E402
-from minigpt.evaluation import evaluate_ids, flatten  # noqa: E402
+from minigpt.data.samples import flatten  # noqa: E402
+from minigpt.evaluation import evaluate_ids  # noqa: E402
 from minigpt.generation import generate, generate_text  # noqa: E402
 from minigpt.hf import (  # noqa: E402
     check_gpt2_exportable,

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from minigpt.data.samples import flatten
 from minigpt.data.sources import (
     IMDB_FILENAME,
     DataError,
@@ -170,7 +171,7 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
     return Corpus(entry)
 
 
-def _read(spec: CorpusSpec, kind: str, path: Path | None) -> dict[str, list[Document]]:
+def read_splits(spec: CorpusSpec, kind: str, path: Path | None) -> dict[str, list[Document]]:
     """Source documents -> {"train": ..., "val": ..., ["test": ...]}; val is cut from train."""
     if kind == "imdb":
         assert path is not None
@@ -263,21 +264,20 @@ def encode_splits(
     return vocab, {name: (to_vocab[ids], offsets) for name, (ids, offsets) in provisional.items()}
 
 
-def _encode_pretrained(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    docs = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    ids = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
-    return ids, np.concatenate(([0], np.cumsum(lengths)))
+def encode_documents(tokenizer, texts: list[str], dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (ids, offsets) with any minigpt tokenizer (batched when it can: BPE)."""
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    return flatten(encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts], dtype)
 
 
 def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path, pretrained=None) -> None:
     t0 = time.perf_counter()
-    splits = _read(spec, kind, path)
+    splits = read_splits(spec, kind, path)
     texts = {name: [d.text for d in docs] for name, docs in splits.items()}
     if pretrained is None:
         vocab, encoded = encode_splits(texts, min_freq=spec.min_freq, max_size=spec.max_size)
     else:
-        vocab, encoded = pretrained, {name: _encode_pretrained(pretrained, t) for name, t in texts.items()}
+        vocab, encoded = pretrained, {name: encode_documents(pretrained, t, np.int32) for name, t in texts.items()}
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
         (tmp / "vocab.json").write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")

@@ -20,6 +20,13 @@ from torch.utils.data import Dataset, Sampler
 from minigpt.tokenizer import EOT_ID, IGNORE_INDEX, PAD_ID
 
 
+def flatten(docs: list[list[int]], dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists -> (ids, offsets), the layout every dataset here reads."""
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    ids = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+    return ids, np.concatenate(([0], np.cumsum(lengths)))
+
+
 def _doc(ids: np.ndarray, offsets: np.ndarray, d: int) -> np.ndarray:
     return ids[offsets[d] : offsets[d + 1]]
 
