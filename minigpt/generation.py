@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from minigpt.errors import UserError
 from minigpt.model import GPT
 
 EOT_ID = 2
@@ -68,6 +69,38 @@ class GenerationResult:
 
     tokens: list[int] = field(default_factory=list)
     stop_reason: StopReason = "length"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to choose each new token, validated once here (every entry point takes one of these).
+
+    The steps run in Hugging Face's order: repetition penalty, temperature, top-k, top-p, then a draw.
+    """
+
+    max_new_tokens: int = 50
+    """Most tokens to generate per prompt."""
+    temperature: float = 0.8
+    """0 picks the argmax (greedy); otherwise scores are divided by it (1 = the model's distribution)."""
+    top_k: int | None = 50
+    """Keep exactly the k best tokens (ties at the k-th score do not let more through); None keeps all."""
+    top_p: float | None = 0.95
+    """Keep the smallest set of best tokens whose probability reaches p (at least one); None = off."""
+    repetition_penalty: float = 1.0
+    """Divide positive (multiply negative) scores of tokens already in the row (Keskar et al. 2019); 1 = off."""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}.")
+        check_sampling(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+        )  # fmt: skip
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int = 50) -> SamplingConfig:
+        """Always the most likely token."""
+        return cls(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, top_p=None)
 
 
 # -- prompts -----------------------------------------------------------------------------------------

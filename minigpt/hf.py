@@ -347,7 +347,8 @@ def minigpt_checkpoint(model: GPT, tokenizer: Vocab | BpeTokenizer, *, converted
     """
     import lightning
 
-    from minigpt.lit_module import CHECKPOINT_FORMAT, LitMiniGPT
+    from minigpt.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
+    from minigpt.lit_module import LitMiniGPT
 
     defaults = {
         name: p.default

@@ -16,14 +16,13 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from minigpt.checkpoint import load_model, minigpt_section, model_from_checkpoint, model_state  # noqa: F401
+from minigpt.checkpoint import read_checkpoint as load_checkpoint_file
 from minigpt.config import GPTConfig
 from minigpt.model import GPT
 from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-
 
 class LitMiniGPT(pl.LightningModule):
     def __init__(
@@ -236,12 +235,11 @@ class LitMiniGPT(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["minigpt"] = {
-            "format": CHECKPOINT_FORMAT,
-            "tokenizer": self.tokenizer.to_dict() if self.tokenizer is not None else None,
-            "data": dict(getattr(getattr(self.trainer, "datamodule", None), "hparams", {}) or {}),
-            "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng_state()},
-        }
+        checkpoint["minigpt"] = minigpt_section(
+            self.tokenizer,
+            data=dict(getattr(getattr(self.trainer, "datamodule", None), "hparams", {}) or {}),
+            rng={"torch": torch.get_rng_state(), "cuda": _cuda_rng_state()},
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("minigpt") or {}
@@ -278,43 +276,3 @@ class LitMiniGPT(pl.LightningModule):
 
 def _cuda_rng_state() -> list[Tensor] | None:
     return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def load_checkpoint_file(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load a minigpt checkpoint without executing code (``weights_only=True``), or explain why not."""
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    if p.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as err:  # zip/pickle errors of many kinds all mean "unreadable"
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0][:120]})") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{path} is not a minigpt checkpoint (no state_dict/hyper_parameters)")
-    return ckpt
-
-
-def model_state(ckpt: dict) -> dict[str, Tensor]:
-    """The pure model's state dict inside a LitMiniGPT checkpoint (keys without the "model." prefix)."""
-    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-
-
-def model_from_checkpoint(ckpt: dict, path: str = "the checkpoint") -> tuple[GPT, Vocab]:
-    """The pure model (eval mode) and its tokenizer from a loaded checkpoint (no data, no Trainer)."""
-    cfg = ckpt["hyper_parameters"].get("config")
-    tok = (ckpt.get("minigpt") or {}).get("tokenizer")
-    if not isinstance(cfg, dict) or not tok:
-        raise ValueError(f"{path} is not a minigpt checkpoint (no model config or tokenizer inside)")
-    model = GPT(GPTConfig(**cfg))
-    model.load_state_dict(model_state(ckpt))
-    model.eval()
-    return model, tokenizer_from_dict(tok)
-
-
-def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[GPT, Vocab]:
-    """The pure model and its tokenizer from a checkpoint file alone."""
-    return model_from_checkpoint(load_checkpoint_file(path, map_location), path)

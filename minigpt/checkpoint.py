@@ -1,0 +1,182 @@
+"""The minigpt checkpoint format: what a checkpoint file holds, and reading it back without Lightning.
+
+A checkpoint is the dict Lightning's `Trainer.save_checkpoint` writes for a `LitMiniGPT`, with a
+`"minigpt"` section that this module owns. Every value is a tensor or a plain Python type, so it
+loads with `torch.load(weights_only=True)`::
+
+    state_dict         {"model.<GPT parameter name>": Tensor, ...}
+    hyper_parameters   {"config": asdict(GPTConfig), <LitMiniGPT's training arguments>...}
+    minigpt            {"format": FORMAT_VERSION,
+                        "tokenizer": tokenizer.to_dict(),   # word Vocab or BPE, see tokenizer.py
+                        "data": {<IMDBDataModule arguments the model was trained with>},
+                        "rng": {"torch": Tensor, "cuda": [Tensor] | None} | absent}
+    (Lightning's own keys: epoch, global_step, loops, optimizer_states, lr_schedulers, callbacks, ...)
+
+Inference (`load_model`), conversion and fine-tuning read only `state_dict`, `hyper_parameters.config`
+and `minigpt.tokenizer`; resuming reads everything. This module imports torch and minigpt's pure
+pieces only: `minigpt generate`/`evaluate` never load Lightning or transformers.
+
+References: litgpt loads `lit_model.pth` with plain torch (`litgpt/utils.py` `load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from minigpt.config import GPTConfig
+from minigpt.errors import UserError
+from minigpt.model import GPT
+from minigpt.tokenizer import tokenizer_from_dict
+
+FORMAT_VERSION = 1
+"""Version of the `"minigpt"` section; a reader refuses a newer one."""
+
+MODEL_PREFIX = "model."
+"""`LitMiniGPT` holds the `GPT` as `self.model`, so its weights are stored under this prefix."""
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a minigpt checkpoint without executing code (`weights_only=True`), or say why not.
+
+    Raises:
+        UserError: the file is missing, empty, corrupt, not a minigpt checkpoint, or of a newer format.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if p.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip/pickle errors of many kinds all mean "unreadable"
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0][:120]})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise UserError(f"{path} is not a minigpt checkpoint (no state_dict/hyper_parameters)")
+    version = section(ckpt).get("format", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format {version!r}, newer than this minigpt reads ({FORMAT_VERSION}); "
+            "upgrade minigpt to load it"
+        )
+    return ckpt
+
+
+def section(ckpt: dict) -> dict:
+    """The checkpoint's `"minigpt"` section (empty for a foreign Lightning checkpoint)."""
+    return ckpt.get("minigpt") or {}
+
+
+def model_state(ckpt: dict) -> dict[str, Tensor]:
+    """The pure model's state dict (keys without the `model.` prefix)."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items()}
+
+
+def model_config(ckpt: dict, path: str | Path = "the checkpoint") -> GPTConfig:
+    """The `GPTConfig` the checkpoint's model was built with."""
+    cfg = ckpt["hyper_parameters"].get("config")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a minigpt checkpoint (no model config inside)")
+    return GPTConfig(**cfg)
+
+
+def tokenizer_of(ckpt: dict, path: str | Path = "the checkpoint"):
+    """The tokenizer stored in the checkpoint (a word `Vocab` or a `BpeTokenizer`)."""
+    tok = section(ckpt).get("tokenizer")
+    if not tok:
+        raise UserError(f"{path} is not a minigpt checkpoint (no tokenizer inside)")
+    return tokenizer_from_dict(tok)
+
+
+def data_settings(ckpt: dict) -> dict[str, Any]:
+    """The data module arguments the model was trained with (empty for a converted model)."""
+    return dict(section(ckpt).get("data") or {})
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "the checkpoint") -> tuple[GPT, Any]:
+    """The pure model (eval mode, on the checkpoint tensors' device) and its tokenizer."""
+    config, tokenizer = model_config(ckpt, path), tokenizer_of(ckpt, path)
+    state = model_state(ckpt)
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path} does not match its own model config: {str(err).splitlines()[0]}") from err
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Any]:
+    """`(GPT, tokenizer)` from a checkpoint file alone: no data, no Trainer, no Lightning import.
+
+    Example::
+
+        from minigpt.checkpoint import load_model
+        model, tokenizer = load_model("lightning_logs/version_0/checkpoints/last.ckpt")
+    """
+    return model_from_checkpoint(read_checkpoint(path, map_location), path)
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+
+def minigpt_section(tokenizer, data: dict[str, Any] | None = None, rng: dict[str, Any] | None = None) -> dict:
+    """The `"minigpt"` section of a checkpoint (see the module docstring)."""
+    out: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "tokenizer": None if tokenizer is None else tokenizer.to_dict(),
+        "data": dict(data or {}),
+    }
+    if rng is not None:
+        out["rng"] = rng
+    return out
+
+
+def new_checkpoint(model: GPT, tokenizer, **hyper_parameters: Any) -> dict:
+    """A checkpoint for a model that was not trained here (e.g. converted from Hugging Face).
+
+    It holds weights, architecture and tokenizer, no optimizer or loop state: it starts runs
+    (`--model.init_from`) and feeds `generate`/`evaluate`, it does not resume them. Training
+    hyper-parameters not given take `LitMiniGPT`'s defaults when Lightning loads it.
+    """
+    return {
+        "state_dict": {MODEL_PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()},
+        "hyper_parameters": {**hyper_parameters, "config": asdict(model.config)},
+        "minigpt": minigpt_section(tokenizer),
+        "global_step": 0,
+        "epoch": 0,
+    }
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
+    """Write a checkpoint so that a reader sees the old file or the new one, never half of one.
+
+    The bytes go to a temporary file beside the target (same filesystem), are flushed to disk and
+    renamed over the target. Lightning's own writer stages in the system temp folder, whose final
+    move is a copy when that folder is on another filesystem.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
