@@ -14,12 +14,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
 from minigpt.checkpoint import load_model, minigpt_section, model_from_checkpoint, model_state  # noqa: F401
 from minigpt.checkpoint import read_checkpoint as load_checkpoint_file
 from minigpt.config import GPTConfig
-from minigpt.model import GPT
+from minigpt.errors import UserError
+from minigpt.model import GPT, LossKernel
 from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class LitMiniGPT(pl.LightningModule):
         min_lr: float = 0.0,
         init_from: str | None = None,
         compile: bool = False,
+        loss_kernel: LossKernel = "auto",
     ):
         """
         Args:
@@ -54,31 +57,38 @@ class LitMiniGPT(pl.LightningModule):
             step_size: StepLR: multiply the rate by ``gamma`` every this many steps.
             gamma: StepLR factor.
             warmup_steps: linear warmup steps ("cosine" and "constant").
-            decay_steps: "cosine": step at which the rate reaches ``min_lr`` (required; kept apart
-                from the Trainer's ``max_steps`` so the schedule never depends on the data length).
+            decay_steps: "cosine": step at which the rate reaches ``min_lr``. None (the default) follows
+                the run's budget: the rate reaches ``min_lr`` when the first of the Trainer's limits
+                (``max_steps``, ``max_time``, ``max_epochs``) ends the run; with ``max_time`` the progress
+                is the fraction of the time spent (Lightning's ``Timer``, whose state a checkpoint keeps).
             min_lr: "cosine": final learning rate.
             init_from: a minigpt checkpoint whose weights start this run (fine-tuning); its
                 vocabulary must equal the data's.
             compile: ``torch.compile`` the model (in place, so checkpoints keep their keys). Worth
                 it on a GPU; off by default because on CPU compiling costs more than it saves here.
+            loss_kernel: the linear head's training loss (``GPT.loss_kernel``): "plain" (chunked
+                ``F.cross_entropy``), "fused" (``minigpt.kernels``) or "auto" (fused for float32 on CPU
+                without autocast, where its benchmark shows a gain; plain elsewhere).
         """
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
             config = GPTConfig(**config)
         if lr <= 0 or not math.isfinite(lr):
             raise ValueError(f"model.lr must be a positive number, got {lr}")
-        if scheduler == "cosine" and (decay_steps is None or decay_steps <= warmup_steps):
-            raise ValueError(f"model.scheduler cosine needs model.decay_steps > warmup_steps ({warmup_steps})")
+        if decay_steps is not None and decay_steps <= warmup_steps:
+            raise ValueError(f"model.decay_steps must be > model.warmup_steps ({warmup_steps}), got {decay_steps}")
         if step_size < 1 or warmup_steps < 0:
             raise ValueError("model.step_size must be >= 1 and model.warmup_steps >= 0")
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = asdict(config)
         self.config = config
-        self.model = GPT(config)
+        self.model = GPT(config, loss_kernel=loss_kernel)
         self.tokenizer: Vocab | None = None
         self._sums: dict[str, list[Tensor]] = {}
-        self._step_started: float | None = None
+        self._tokens: Tensor | None = None  # tokens trained on since the last logging step (on the device)
+        self._window_started: float | None = None
+        self._bad: tuple[Tensor, Tensor, Tensor] | None = None  # first non-finite (step, kind, value)
         self._rng_to_restore: dict | None = None
         if init_from:
             self._init_from(init_from)
@@ -95,22 +105,19 @@ class LitMiniGPT(pl.LightningModule):
         nll_sum, count = self.model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX)
         loss = nll_sum / count.clamp(min=1)
         if stage == "train":
-            if not torch.isfinite(loss):
-                # Stop before backward: the weights (and so every checkpoint) stay finite.
-                raise FloatingPointError(
-                    f"training stopped: the loss is {float(loss.detach())} at step {self.global_step}; the last good "
-                    "checkpoint is kept (try a lower --model.lr or --trainer.gradient_clip_val)"
-                )
             self.log("train_loss", loss, prog_bar=True, batch_size=x.size(0))
+            self._note_non_finite(loss, 0)
+            self._tokens = count if self._tokens is None else self._tokens + count
+            if self.trainer._logger_connector.should_update_logs:  # values are read on logging steps only
+                self._stop_if_non_finite()
+                self._log_throughput()
         else:
             sums = self._sums.setdefault(stage, [torch.zeros((), device=x.device, dtype=torch.float64)] * 2)
             self._sums[stage] = [sums[0] + nll_sum.detach().double(), sums[1] + count]
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._shared_step(batch, "train")
-        self._log_throughput(batch)
-        return loss
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
@@ -148,25 +155,71 @@ class LitMiniGPT(pl.LightningModule):
         self.log(f"{stage}_tokens", float(total[1]), sync_dist=True)
         return loss
 
-    def _log_throughput(self, batch: tuple[Tensor, Tensor]) -> None:
+    # -- no host synchronisation per training step -------------------------------------------------
+    # A training step only queues work on the device. Reading a value on the host (`bool(t)`, `t.item()`)
+    # would wait for the device every step, so the non-finite check and the token count stay on the device
+    # and are read on logging steps (every `trainer.log_every_n_steps`), which synchronise anyway.
+
+    def _note_non_finite(self, value: Tensor, kind: int) -> None:
+        """Remember on the device the first step whose loss (kind 0) or gradient norm (1) is not finite."""
+        value = value.detach().float()
+        if self._bad is None:
+            self._bad = (torch.full((), -1, device=value.device, dtype=torch.long), torch.zeros_like(value).long(),
+                         torch.zeros_like(value))  # fmt: skip
+        step, old_kind, old_value = self._bad
+        first = ~torch.isfinite(value) & (step < 0)
+        self._bad = (torch.where(first, self.global_step, step), torch.where(first, kind, old_kind),
+                     torch.where(first, value, old_value))  # fmt: skip
+
+    def _stop_if_non_finite(self) -> None:
+        """Raise if a step was non-finite (a host synchronisation: called on logging steps, before every
+        validation and checkpoint, and at the end of training)."""
+        if self._bad is None or int(self._bad[0]) < 0:
+            return
+        step, kind, value = (t.item() for t in self._bad)
+        what = "loss" if kind == 0 else "gradient norm"
+        raise FloatingPointError(
+            f"training stopped: the {what} is {value} at step {step}; the last good checkpoint is kept "
+            "(try a lower --model.lr or --trainer.gradient_clip_val)"
+        )
+
+    def _log_throughput(self) -> None:
+        """Log `train_tok_s`: tokens per second (all processes) since the previous logging step."""
         now = time.perf_counter()
-        if self._step_started is not None:
-            tokens = int((batch[1] != IGNORE_INDEX).sum()) * self.trainer.world_size
-            self.log("train_tok_s", tokens / max(now - self._step_started, 1e-9), batch_size=batch[0].size(0))
-        self._step_started = now
+        if self._window_started is not None and self._tokens is not None:
+            rate = self._tokens.double() * self.trainer.world_size / max(now - self._window_started, 1e-9)
+            self.log("train_tok_s", rate.float())
+        self._tokens, self._window_started = None, now
+
+    def _restart_throughput_window(self) -> None:
+        # Time spent outside training steps (validation, a new epoch's loader) is not throughput.
+        self._tokens, self._window_started = None, time.perf_counter()
+
+    def on_train_epoch_start(self) -> None:
+        self._restart_throughput_window()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._stop_if_non_finite()
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._restart_throughput_window()
+
+    def on_train_end(self) -> None:
+        self._stop_if_non_finite()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
-            # Same clipping as Lightning's, but a non-finite gradient norm stops training before
-            # the optimizer writes NaN into the weights.
+            # Same clipping as Lightning's, and a non-finite gradient norm stops training.
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-            if not torch.isfinite(norm):
-                raise FloatingPointError(
-                    f"training stopped: the gradient norm is {float(norm)} at step {self.global_step}; "
-                    "the last good checkpoint is kept (try a lower --model.lr)"
-                )
+            self._note_non_finite(norm, 1)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self._bad is not None and optimizer.defaults.get("fused"):
+            # The fused optimizer skips its update while `found_inf` is non-zero (the mechanism AMP's
+            # GradScaler uses), so a non-finite step never reaches the weights, without a host read.
+            optimizer.found_inf = (self._bad[0] >= 0).float()
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -190,13 +243,15 @@ class LitMiniGPT(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _fused_optimizer(self) -> bool | None:
-        """True on CPU: the fused kernel updates each weight in one pass over its value, gradient and two
-        moments instead of about ten passes of the default per-tensor loop (about 20 ms instead of 220 ms
-        per step for the tutorial model's 42M parameters on 2 cores), with the same arithmetic (a test
-        compares it with the default). None (PyTorch's default) elsewhere: on CUDA the default foreach
-        kernels are already fast, and a fused optimizer would unscale 16-bit AMP gradients after our clipping."""
+        """True on CPU and CUDA: the fused kernel updates each weight in one pass over its value, gradient
+        and two moments instead of several passes of the default implementation, with the same arithmetic
+        (a test compares it with the default), and it can skip a non-finite step without a host read (see
+        `configure_gradient_clipping`). None (PyTorch's default) on other devices and with 16-bit AMP,
+        whose GradScaler would unscale the gradients of a fused optimizer after our clipping."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return True if params and all(p.device.type == "cpu" and p.is_floating_point() for p in params) else None
+        scaled = self._trainer is not None and str(self.trainer.precision).startswith("16")
+        on_fused_devices = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return True if params and on_fused_devices and not scaled else None
 
     def _lr_factor(self, step: int) -> float:
         hp = self.hparams
@@ -204,9 +259,39 @@ class LitMiniGPT(pl.LightningModule):
             return (step + 1) / hp.warmup_steps
         if hp.scheduler == "constant":
             return 1.0
-        progress = min(1.0, (step - hp.warmup_steps) / (hp.decay_steps - hp.warmup_steps))
         floor = hp.min_lr / hp.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._decay_progress(step)))
+
+    def _decay_progress(self, step: int) -> float:
+        """Fraction in [0, 1] of the cosine decay done after `step` optimizer steps."""
+        warmup, decay_steps = self.hparams.warmup_steps, self.hparams.decay_steps
+        if decay_steps is not None:
+            return min(1.0, (step - warmup) / (decay_steps - warmup))
+        if step <= warmup:
+            return 0.0
+        # Follow the run's budget: whichever of the Trainer's limits ends the run first. Never through
+        # trainer.estimated_stepping_batches: it drops the data loader's saved position on resume
+        # (Lightning issue #20550). num_training_batches is set by then and costs nothing to read.
+        trainer, done = self.trainer, []
+        if trainer.max_steps > 0:
+            done.append((step - warmup) / max(1, trainer.max_steps - warmup))
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = None if timer is None else timer.time_remaining("train")
+        if remaining is not None:
+            elapsed = timer.time_elapsed("train")
+            # Processes' clocks differ slightly; all of them must use the same rate.
+            elapsed, remaining = trainer.strategy.broadcast((elapsed, remaining))
+            done.append(elapsed / max(elapsed + remaining, 1e-9))
+        batches = trainer.num_training_batches
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and 0 < batches < float("inf"):
+            per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+            done.append((step - warmup) / max(1, trainer.max_epochs * per_epoch - warmup))
+        if not done:
+            raise UserError(
+                "model.scheduler cosine with model.decay_steps null follows the Trainer's limit, but this run "
+                "has none it can measure: set --trainer.max_steps, --trainer.max_time or model.decay_steps"
+            )
+        return min(1.0, max(done))
 
     # -- what a checkpoint carries ------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -235,6 +320,7 @@ class LitMiniGPT(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._stop_if_non_finite()  # never save weights a non-finite step may have written
         checkpoint["minigpt"] = minigpt_section(
             self.tokenizer,
             data=dict(getattr(getattr(self.trainer, "datamodule", None), "hparams", {}) or {}),

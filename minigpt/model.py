@@ -7,58 +7,55 @@ One module covers two flavours chosen by `GPTConfig`:
   computes, and a linear head reading the encoder output (the tutorial's head read the embeddings);
 - GPT-2 (`GPTConfig.gpt2`): learned positions, pre-norm blocks, a final `ln_f` and a tied head.
 
-Module names follow nanoGPT/GPT-2 (`transformer.wte`, `transformer.h[i].attn.c_attn`, `lm_head`, ...)
-so GPT-2 weights map across. `c_attn` fuses the q, k and v projections with rows [q; k; v], the layout of
-`nn.MultiheadAttention.in_proj_weight`.
+Module names follow nanoGPT/GPT-2 (`transformer.wte`, `transformer.h[i].attn.c_attn`, `lm_head`) so
+GPT-2 weights map across; `c_attn` rows are [q; k; v], the layout of `nn.MultiheadAttention.in_proj_weight`.
+The training loss is plain `F.cross_entropy` over chunks of the head; an optional fused kernel lives in
+`minigpt/kernels.py` (`GPT.loss_kernel`).
 
-References: karpathy/nanoGPT `model.py`, Lightning-AI/litgpt `litgpt/model.py`, the PyTorch tutorial
-"Language Modeling with nn.Transformer" (`PositionalEncoding`), and Grave et al. 2017, "Efficient
-softmax approximation for GPUs" (`nn.AdaptiveLogSoftmaxWithLoss`).
+References: karpathy/nanoGPT `model.py`, Lightning-AI/litgpt `litgpt/model.py` (`chunked_cross_entropy`),
+the PyTorch tutorial "Language Modeling with nn.Transformer", and Grave et al. 2017 (adaptive softmax).
 """
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from minigpt import kernels
 from minigpt.config import GPTConfig
 
-PAD_ID = 1
-"""Id of `<pad>` in minigpt's vocabularies; targets equal to it do not count in the loss."""
+LossKernel = Literal["auto", "plain", "fused"]
 
-# The chunked loss holds at most this many float32 logits at once (512 MiB, one buffer): the whole batch
-# at block 30 (960 rows at a 100,000-word vocabulary), four equal chunks of 1,024 rows at block 128. On a
-# 2-core CPU the head's matrix products run 20-25% slower on 335-row chunks than on ~1,000-row ones.
-_LOSS_CHUNK_ELEMENTS = 2**27
-
-# A target probability below this (about 7.5e-37) is too close to float32's smallest normal number for
-# -log(p) to be exact; such rows (loss above 83 nats) get their loss recomputed through log_softmax.
-_MIN_EXACT_PROB = 2.0**-120
+# The plain loss evaluates the head on chunks of rows holding at most this many logits (64 MiB in float32),
+# so the full (B*T, vocab_size) logits and their log-softmax never exist as one temporary.
+PLAIN_CHUNK_ELEMENTS = 2**24
 
 
-def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = PAD_ID) -> Tensor:
-    """Mean cross-entropy of next-token predictions, the plain reference path.
-
-    Args:
-        logits: (B, T, V) scores (logits or log-probabilities).
-        targets: (B, T) target ids; positions equal to `ignore_index` do not count.
-        ignore_index: Target id to leave out (the padding id).
-
-    Returns:
-        Scalar mean loss over the counted positions (NaN when none counts, like `F.cross_entropy`).
-    """
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of (B, T, V) scores against (B, T) targets, the plain reference (NaN when no
+    target counts, like `F.cross_entropy`)."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
 
 
-def sinusoidal_positions(block_size: int, n_embd: int) -> Tensor:
-    """The fixed position encoding of "Attention Is All You Need", exactly as the PyTorch tutorial's
-    `PositionalEncoding` builds it.
+def chunked_nll_sum(
+    hidden: Tensor, head: nn.Linear, targets: Tensor, ignore_index: int = -100, chunk_size: int | None = None
+) -> Tensor:
+    """Summed cross-entropy (float32 scalar) of `head(hidden)` (N, C) against `targets` (N,), a chunk of at
+    most `chunk_size` rows at a time, with plain autograd (as litgpt's `chunked_cross_entropy`)."""
+    if chunk_size is None:
+        chunk_size = max(1, PLAIN_CHUNK_ELEMENTS // head.out_features)
+    nll_sum = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        nll_sum = nll_sum + F.cross_entropy(head(h).float(), t, ignore_index=ignore_index, reduction="sum")
+    return nll_sum
 
-    Returns:
-        (block_size, n_embd) float32 table: sin on even features, cos on odd ones.
-    """
+
+def sinusoidal_positions(block_size: int, n_embd: int) -> Tensor:
+    """(block_size, n_embd) table of "Attention Is All You Need", as the tutorial's `PositionalEncoding`
+    builds it: sin on even features, cos on odd ones."""
     position = torch.arange(block_size, dtype=torch.float).unsqueeze(1)
     div_term = torch.exp(torch.arange(0, n_embd, 2).float() * (-math.log(10000.0) / n_embd))
     pe = torch.zeros(block_size, n_embd)
@@ -103,8 +100,7 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget the cached positions (the tensors are reused)."""
-        self.pos = 0
-        self.has_padding = False
+        self.pos, self.has_padding = 0, False
         self.key_padding_mask.zero_()
 
 
@@ -115,34 +111,21 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
     def forward(
-        self,
-        x: Tensor,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        kv: tuple[Tensor, Tensor] | None = None,
-        start: int = 0,
-    ) -> Tensor:
-        """Attend from the T rows of `x` (slots start .. start+T-1) to the keys allowed by the mask.
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+    ) -> Tensor:  # fmt: skip
+        """Attend from x (B, T, C), at slots start .. start+T-1, to the keys allowed by the mask.
 
-        Args:
-            x: (B, T, C) input.
-            attn_mask: bool (B, 1, T, S), True where a query may attend to a key; None with `is_causal`
-                for plain causal attention, or None alone when every key may be seen.
-            is_causal: Use SDPA's built-in causal mask (only valid when T == S).
-            kv: This layer's (k, v) cache tensors; the new keys/values are written at slots
-                start .. start+T-1 and attention reads slots 0 .. start+T-1.
-            start: First slot of `x` in the cache.
+        `attn_mask` is bool (B, 1, T, S), True where a query may attend to a key; None with `is_causal` for
+        causal attention, or None alone when every key may be seen. `kv` is this layer's (k, v) cache: the
+        new keys/values are written at slots start .. start+T-1 and attention reads slots 0 .. start+T-1.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv is not None:
             k_cache, v_cache = kv
             k_cache[:, :, start : start + T] = k
@@ -195,13 +178,9 @@ class Block(nn.Module):
         self.norm_first = config.norm_first
 
     def forward(
-        self,
-        x: Tensor,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        kv: tuple[Tensor, Tensor] | None = None,
-        start: int = 0,
-    ) -> Tensor:
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+    ) -> Tensor:  # fmt: skip
         """See `CausalSelfAttention.forward` for the arguments; returns (B, T, C)."""
         if self.norm_first:
             x = x + self.dropout(self.attn(self.ln_1(x), attn_mask, is_causal, kv, start))
@@ -220,9 +199,14 @@ class GPT(nn.Module):
     cross-entropy of them are exact), already normalised.
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, loss_kernel: LossKernel = "auto") -> None:
         super().__init__()
         self.config = config
+        if loss_kernel not in ("auto", "plain", "fused"):
+            raise ValueError(f"loss_kernel must be one of ('auto', 'plain', 'fused'), got {loss_kernel!r}.")
+        self.loss_kernel = loss_kernel
+        """How the linear head's training loss is computed: "plain" (`chunked_nll_sum`), "fused"
+        (`kernels.fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -242,12 +226,9 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         else:
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
-                config.n_embd,
-                config.vocab_size,
-                list(config.adaptive_cutoffs_used),
-                div_value=config.adaptive_div_value,
-                head_bias=config.lm_head_bias,
-            )
+                config.n_embd, config.vocab_size, list(config.adaptive_cutoffs_used),
+                div_value=config.adaptive_div_value, head_bias=config.lm_head_bias,
+            )  # fmt: skip
         self.apply(self._init_weights)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
@@ -265,12 +246,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters, shared tensors counted once.
-
-        Args:
-            exclude_embeddings: Leave out the input embeddings (token table and learned positions). A token
-                table tied to the head still counts, as the head.
-        """
+        """Number of parameters, shared tensors counted once; `exclude_embeddings` leaves out the input
+        embeddings (token table and learned positions), but a token table tied to the head counts, as the head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             if not self.config.tie_weights:
@@ -282,24 +259,15 @@ class GPT(nn.Module):
     def new_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """An empty KV cache for `batch_size` sequences of up to `block_size` tokens.
-
-        Args:
-            batch_size: Number of sequences decoded together.
-            device: Defaults to the model's device.
-            dtype: Defaults to the model's parameter dtype.
-        """
+        """An empty KV cache for `batch_size` sequences of up to `block_size` tokens (on the model's device
+        and in its parameter dtype unless given)."""
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, device or weight.device, dtype or weight.dtype)
 
     def forward(
-        self,
-        idx: Tensor,
-        key_padding_mask: Tensor | None = None,
-        *,
-        positions: Tensor | None = None,
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, *, positions: Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> Tensor:
+    ) -> Tensor:  # fmt: skip
         """Scores of the next token at every position.
 
         Args:
@@ -319,17 +287,11 @@ class GPT(nn.Module):
         return self.head_logits(self.hidden_states(idx, key_padding_mask, positions=positions, cache=cache))
 
     def hidden_states(
-        self,
-        idx: Tensor,
-        key_padding_mask: Tensor | None = None,
-        *,
-        positions: Tensor | None = None,
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, *, positions: Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> Tensor:
-        """The Transformer trunk (everything but the head, `ln_f` included): (B, T, n_embd).
-
-        Takes the same arguments as `forward`.
-        """
+    ) -> Tensor:  # fmt: skip
+        """The Transformer trunk (everything but the head, `ln_f` included): (B, T, n_embd). Takes the same
+        arguments as `forward`."""
         start = 0 if cache is None else cache.pos
         self._check_inputs(idx, key_padding_mask, positions, cache)
         B, T = idx.size()
@@ -363,32 +325,13 @@ class GPT(nn.Module):
         log_probs = self.adaptive.log_prob(hidden.reshape(-1, hidden.size(-1)))
         return log_probs.view(*hidden.shape[:-1], self.config.vocab_size)
 
-    def loss(
-        self,
-        idx: Tensor,
-        targets: Tensor,
-        key_padding_mask: Tensor | None = None,
-        *,
-        ignore_index: int = PAD_ID,
-        chunk_size: int | None = None,
-    ) -> Tensor:
-        """Mean next-token cross-entropy over targets != `ignore_index`, without materialising all logits.
+    def loss(self, idx: Tensor, targets: Tensor, key_padding_mask: Tensor | None = None, **kw) -> Tensor:
+        """Mean next-token cross-entropy over targets != `ignore_index` (0 when no target counts).
 
-        Equal (loss and gradients) to `lm_loss(model(idx, key_padding_mask), targets, ignore_index)`.
-
-        Args:
-            idx: (B, T) input ids.
-            targets: (B, T) target ids (idx shifted by one).
-            key_padding_mask: bool (B, T), True at pad tokens.
-            ignore_index: Target id that does not count.
-            chunk_size: Rows per chunk of the linear head's loss (see `head_nll_sum`).
-
-        Returns:
-            Scalar float32 loss (0 when no target counts).
+        Equal (loss and gradients) to `lm_loss(model(idx, key_padding_mask), targets, ignore_index)`;
+        takes the arguments of `loss_sum_and_count`.
         """
-        nll_sum, count = self.loss_sum_and_count(
-            idx, targets, key_padding_mask, ignore_index=ignore_index, chunk_size=chunk_size
-        )
+        nll_sum, count = self.loss_sum_and_count(idx, targets, key_padding_mask, **kw)
         return nll_sum / count.clamp(min=1)
 
     def loss_sum_and_count(
@@ -397,65 +340,51 @@ class GPT(nn.Module):
         targets: Tensor,
         key_padding_mask: Tensor | None = None,
         *,
-        ignore_index: int = PAD_ID,
+        ignore_index: int = -100,
         chunk_size: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Summed next-token negative log-likelihood and the number of targets it sums over.
-
-        Sums let callers compute exact perplexities over many batches: exp(total sum / total count).
-
-        Args:
-            idx: (B, T) input ids.
-            targets: (B, T) target ids.
-            key_padding_mask: bool (B, T), True at pad tokens.
-            ignore_index: Target id that does not count.
-            chunk_size: Rows per chunk of the linear head's loss (see `head_nll_sum`).
-
-        Returns:
-            (float32 scalar NLL sum, int64 scalar count).
-        """
+        """(float32 summed next-token NLL, int64 number of targets it sums over) of `targets` (B, T), idx
+        shifted by one, given `idx` (B, T). Sums give exact perplexities over many batches: exp(sum / count).
+        Targets equal to `ignore_index` (F.cross_entropy's default) do not count; `chunk_size`: see
+        `head_nll_sum`."""
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}.")
         hidden = self.hidden_states(idx, key_padding_mask)
         return self.head_nll_sum(hidden, targets, ignore_index=ignore_index, chunk_size=chunk_size)
 
     def head_nll_sum(
-        self, hidden: Tensor, targets: Tensor, *, ignore_index: int = PAD_ID, chunk_size: int | None = None
+        self, hidden: Tensor, targets: Tensor, *, ignore_index: int = -100, chunk_size: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Summed NLL of `targets` under the head applied to `hidden`, and the number of counted targets.
+        """(float32 summed NLL, int64 count) of `targets` (...) under the head applied to `hidden` (..., C).
 
-        The linear head is evaluated in chunks of rows (see `_ChunkedLinearCrossEntropy`) so that memory
-        stays at most chunk_size x vocab_size floats, in a buffer kept between calls on CPU (`_Workspace`);
-        the adaptive head uses its own cluster-wise loss.
-
-        Args:
-            hidden: (..., n_embd) hidden states, e.g. from `hidden_states`.
-            targets: (...) target ids.
-            ignore_index: Target id that does not count.
-            chunk_size: Most rows per chunk for the linear head (the rows are split into equal chunks); the
-                default holds at most 2**27 logits at once.
-
-        Returns:
-            (float32 scalar NLL sum, int64 scalar count).
+        The linear head's loss is `chunked_nll_sum` (plain autograd) or, when `loss_kernel` chooses it,
+        `kernels.fused_linear_nll_sum`; the adaptive head uses its own cluster-wise loss. `chunk_size`:
+        most rows per chunk of the linear head (default: the chosen path's own).
         """
-        keep = targets.reshape(-1) != ignore_index
-        hidden = hidden.reshape(-1, hidden.size(-1))[keep]  # (N, C), only the rows that count
-        targets = targets.reshape(-1)[keep]  # (N,)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}.")
+        hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+        keep = targets != ignore_index
         count = keep.sum()
+        fused = self.loss_kernel == "fused" or (
+            # "auto": the fused kernel where scripts/bench_train.py shows its gain, float32 on CPU
+            self.loss_kernel == "auto" and hidden.device.type == "cpu" and hidden.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        )  # fmt: skip
+        if self.config.head == "linear" and not fused:
+            return chunked_nll_sum(hidden, self.lm_head, targets, ignore_index, chunk_size), count
+        # The adaptive head and the fused kernel take only the rows that count (a host synchronisation).
+        hidden, targets = hidden[keep], targets[keep]
         if targets.numel() == 0:
             # Run the head on the empty batch anyway so every parameter still gets a (zero) gradient.
             return self.head_logits(hidden).float().sum(), count
         if self.config.head == "adaptive":
             # `.output` holds each row's target log-probability.
             return -self.adaptive(hidden, targets).output.float().sum(), count
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        if chunk_size is None:
-            chunk_size = max(1, _LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        elif chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}.")
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        workspace = self.__dict__.setdefault("_loss_workspace", _Workspace())
-        nll_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, needs_grad, workspace)
+        workspace = self.__dict__.setdefault("_loss_workspace", kernels.Workspace())
+        nll_sum = kernels.fused_linear_nll_sum(
+            hidden, self.lm_head.weight, self.lm_head.bias, targets, chunk_size=chunk_size, workspace=workspace
+        )
         return nll_sum, count
 
     def _check_inputs(
@@ -463,47 +392,30 @@ class GPT(nn.Module):
     ) -> None:
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids, got shape {tuple(idx.shape)}.")
-        B, T = idx.size()
-        block_size = self.config.block_size
+        (B, T), block_size = idx.size(), self.config.block_size
         if cache is None and T > block_size:
-            raise ValueError(
-                f"Cannot forward sequence of length {T}, block_size is only {block_size}. "
-                "Crop the context to its last block_size tokens."
-            )
-        if cache is not None:
-            if cache.batch_size != B:
-                raise ValueError(f"The cache holds {cache.batch_size} sequences but idx has {B}.")
-            if cache.pos + T > cache.capacity:
-                raise ValueError(
-                    f"Cannot forward sequence of length {T} at cache position {cache.pos}, block_size is "
-                    f"only {block_size}. Crop the context and prefill a reset cache (sliding window)."
-                )
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != idx.shape:
-                raise ValueError(
-                    f"key_padding_mask must have the shape of idx {tuple(idx.shape)}, "
-                    f"got {tuple(key_padding_mask.shape)}."
-                )
-            if key_padding_mask.dtype != torch.bool:
-                raise TypeError(f"key_padding_mask must be a bool tensor (True = pad), got {key_padding_mask.dtype}.")
-        if positions is not None:
-            if positions.shape not in (idx.shape, idx.shape[1:]):
-                raise ValueError(
-                    f"positions must have shape {tuple(idx.shape)} or ({T},), got {tuple(positions.shape)}."
-                )
-            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= block_size):
-                raise ValueError(
-                    f"Cannot forward position {int(positions.max())}, block_size is only {block_size} "
-                    f"(positions must lie in [0, {block_size}), got minimum {int(positions.min())})."
-                )
+            raise ValueError(f"Cannot forward sequence of length {T}, block_size is only {block_size}. "
+                             "Crop the context to its last block_size tokens.")  # fmt: skip
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"The cache holds {cache.batch_size} sequences but idx has {B}.")
+        if cache is not None and cache.pos + T > cache.capacity:
+            raise ValueError(f"Cannot forward sequence of length {T} at cache position {cache.pos}, block_size "
+                             f"is only {block_size}. Crop the context and prefill a reset cache (sliding window).")
+        if key_padding_mask is not None and key_padding_mask.shape != idx.shape:
+            raise ValueError(f"key_padding_mask must have the shape of idx {tuple(idx.shape)}, "
+                             f"got {tuple(key_padding_mask.shape)}.")  # fmt: skip
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = pad), got {key_padding_mask.dtype}.")
+        if positions is not None and positions.shape not in (idx.shape, idx.shape[1:]):
+            raise ValueError(f"positions must have shape {tuple(idx.shape)} or ({T},), got {tuple(positions.shape)}.")
+        if positions is not None and positions.numel():
+            low, high = int(positions.min()), int(positions.max())  # host syncs, only when positions are given
+            if low < 0 or high >= block_size:
+                raise ValueError(f"Cannot forward position {high}, block_size is only {block_size} "
+                                 f"(positions must lie in [0, {block_size}), got minimum {low}).")  # fmt: skip
 
     def _attention_mask(
-        self,
-        T: int,
-        start: int,
-        key_padding_mask: Tensor | None,
-        cache: KVCache | None,
-        device: torch.device,
+        self, T: int, start: int, key_padding_mask: Tensor | None, cache: KVCache | None, device: torch.device
     ) -> tuple[Tensor | None, bool]:
         """The attention mask for T queries at slots start .. start+T-1 over keys at slots 0 .. start+T-1.
 
@@ -531,168 +443,3 @@ class GPT(nn.Module):
             # NaN; letting every query see itself avoids that. Outputs at pad positions are ignored anyway.
             mask = mask & (~key_padding_mask[:, None, :] | (k_slot == q_slot))  # (B, T, S)
         return mask.unsqueeze(-3), False  # (B or 1, 1, T, S), broadcast over heads
-
-
-class _Workspace:
-    """The float32 scratch buffer of the chunked loss, reused from call to call on CPU.
-
-    A fresh CPU tensor of hundreds of MiB is mapped page by page when first written: on a 2-core CPU
-    that costs about 0.2 s per 384 MiB, more than the softmax over it. The buffer is checked out while a
-    loss waits for its backward pass, so two pending losses never share it. It is neither saved nor
-    copied with the model, and CUDA never keeps one (its caching allocator already reuses memory).
-    """
-
-    def __init__(self) -> None:
-        self._buffer: Tensor | None = None
-
-    def take(self, numel: int, device: torch.device) -> Tensor:
-        """A float32 buffer of at least `numel` elements on `device` (the kept one if it fits)."""
-        buffer, self._buffer = self._buffer, None
-        if buffer is None or buffer.numel() < numel or buffer.device != device:
-            del buffer  # free a kept buffer that does not fit before allocating its replacement
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        return buffer
-
-    def give_back(self, buffer: Tensor) -> None:
-        if buffer.device.type == "cpu":
-            self._buffer = buffer
-
-    def __deepcopy__(self, memo: dict) -> "_Workspace":
-        return _Workspace()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._buffer = None
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of a linear layer's outputs, computed a chunk of rows at a time.
-
-    The (N, V) logits are never all held at once. Each chunk's logits are turned in place into
-    probabilities (one softmax), the loss is read off the target probabilities, and the same buffer then
-    holds d nll / d logits = softmax - one_hot(target). The gradients of all chunks but the last are
-    accumulated in the forward pass; the last chunk's buffer waits for the backward pass, whose matrix
-    products apply the upstream scale. So the head costs the plain path's three matrix products and one
-    buffer of at most chunk_size x V floats, with no full-size temporaries (the plain path allocates four:
-    logits, log-probabilities, and two gradients) and no extra pass over V x C to scale the weight gradient.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        targets: Tensor,
-        chunk_size: int,
-        needs_grad: bool,
-        workspace: _Workspace,
-    ) -> Tensor:
-        # x: (N, C) with every target counted; weight: (V, C); bias: (V,); targets: (N,).
-        needs_x, needs_w, needs_b = (needs_grad and flag for flag in ctx.needs_input_grad[:3])
-        needs_b = needs_b and bias is not None
-        N, V = x.size(0), weight.size(0)
-        rows = -(-N // -(-N // chunk_size))  # equal chunks of at most chunk_size rows: no small, slow last one
-        # float32 without autocast: the products write straight into the reused buffer. Otherwise (bf16
-        # autocast on a GPU) the logits come from F.linear in the autocast dtype, upcast to float32.
-        direct = not torch.is_autocast_enabled(x.device.type) and all(
-            t is None or t.dtype == torch.float32 for t in (x, weight, bias)
-        )
-        buffer = workspace.take(rows * V, x.device) if direct else None
-        grad_x = torch.empty_like(x) if needs_x else None
-        grad_w = grad_b = None  # unscaled sums over the chunks done in this pass
-        last = None  # (d nll / d logits of the last chunk, its first row), finished by backward
-        nll_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-        for s in range(0, N, rows):
-            xc, tc = x[s : s + rows], targets[s : s + rows, None]  # (n, C), (n, 1)
-            n = xc.size(0)
-            if direct:
-                probs = buffer[: n * V].view(n, V)
-                if bias is None:
-                    torch.mm(xc, weight.t(), out=probs)
-                else:
-                    torch.addmm(bias, xc, weight.t(), out=probs)
-            else:
-                probs = F.linear(xc, weight, bias).float()
-            if probs.device.type == "cpu":
-                torch.softmax(probs, dim=-1, out=probs)  # in place, row by row: (n, V) probabilities
-            else:
-                probs = torch.softmax(probs, dim=-1)
-            p_target = probs.gather(1, tc)  # (n, 1)
-            nll = -p_target.log()
-            inexact = p_target[:, 0] < _MIN_EXACT_PROB
-            if inexact.any():
-                logits = F.linear(xc[inexact], weight, bias).float()
-                nll[inexact] = -torch.log_softmax(logits, dim=-1).gather(1, tc[inexact])
-            nll_sum += nll.sum()
-            if not (needs_x or needs_w or needs_b):
-                continue
-            probs.scatter_add_(1, tc, probs.new_full((n, 1), -1.0))  # now softmax - one_hot(target)
-            if direct and s + n == N:
-                last = (probs, s)
-                continue
-            g = probs.to(weight.dtype)
-            if needs_x:
-                grad_x[s : s + n] = g @ weight
-            if needs_w:
-                if grad_w is None:
-                    grad_w = torch.zeros_like(weight, dtype=torch.float32)
-                grad_w.addmm_(probs.t(), xc.float())  # in place: no V x C temporary per chunk
-            if needs_b:
-                grad_b = _column_sums(probs) if grad_b is None else grad_b.add_(_column_sums(probs))
-        if last is None and buffer is not None:
-            workspace.give_back(buffer)
-        ctx.save_for_backward(x, weight)
-        ctx.state = dict(
-            partial=(grad_x, grad_w, grad_b),
-            last=last,
-            buffer=None if last is None else buffer,
-            workspace=workspace,
-            needs=(needs_w, needs_b),
-            bias_dtype=None if bias is None else bias.dtype,
-        )
-        return nll_sum
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        if ctx.state is None:
-            raise RuntimeError(
-                "minigpt's chunked loss frees its buffers in the backward pass, so it can be differentiated "
-                "only once: compute the loss again instead of using retain_graph=True."
-            )
-        state, ctx.state = ctx.state, None  # drop every reference: autograd may then adopt the gradients
-        x, weight = ctx.saved_tensors
-        grad_x, grad_w, grad_b = state["partial"]
-        needs_w, needs_b = state["needs"]
-        scale = grad_out.float()
-        if state["last"] is not None:
-            probs, s = state["last"]
-            xc = x[s:]
-            if grad_x is not None:
-                torch.mm(probs, weight, out=grad_x[s:])
-            if needs_w and grad_w is None:
-                grad_w = torch.mm(probs.t(), xc * scale)  # the scale goes on the small (n, C) factor
-            elif needs_w:
-                grad_w.addmm_(probs.t(), xc, beta=float(scale), alpha=float(scale))
-            if needs_b:
-                last_b = _column_sums(probs, scale)
-                grad_b = last_b if grad_b is None else grad_b.mul_(scale).add_(last_b)
-            state["workspace"].give_back(state["buffer"])
-        else:
-            grad_w = None if grad_w is None else grad_w.mul_(scale)
-            grad_b = None if grad_b is None else grad_b.mul_(scale)
-        if grad_x is not None:
-            grad_x.mul_(scale.to(grad_x.dtype))
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(state["bias_dtype"])
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-def _column_sums(m: Tensor, scale: Tensor | None = None) -> Tensor:
-    """(n, V) -> (V,) sums over the rows, times `scale`: a (1, n) @ (n, V) product, twice as fast on CPU as
-    `m.sum(0)`."""
-    ones = m.new_ones(1, m.size(0)) if scale is None else scale.expand(1, m.size(0))
-    return (ones @ m)[0]

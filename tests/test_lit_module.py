@@ -40,7 +40,7 @@ def tiny_corpus(tmp_path):
 
 
 def trainer(tmp_path, max_steps, callbacks, **kw):
-    return Trainer(
+    settings = dict(
         default_root_dir=tmp_path,
         max_steps=max_steps,
         callbacks=callbacks,
@@ -52,8 +52,8 @@ def trainer(tmp_path, max_steps, callbacks, **kw):
         limit_val_batches=3,
         num_sanity_val_steps=0,
         gradient_clip_val=0.5,
-        **kw,
     )
+    return Trainer(**(settings | kw))
 
 
 def test_resume_mid_epoch_is_exact(tiny_corpus, tmp_path):
@@ -159,8 +159,144 @@ def test_lr_schedules():
     lit = LitMiniGPT(cfg, scheduler="cosine", lr=1.0, warmup_steps=10, decay_steps=110, min_lr=0.1)
     assert lit._lr_factor(0) == pytest.approx(0.1) and lit._lr_factor(9) == pytest.approx(1.0)
     assert lit._lr_factor(60) == pytest.approx(0.55) and lit._lr_factor(110) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="decay_steps"):
-        LitMiniGPT(cfg, scheduler="cosine")
+    with pytest.raises(ValueError, match="decay_steps must be > model.warmup_steps"):
+        LitMiniGPT(cfg, scheduler="cosine", warmup_steps=10, decay_steps=10)
     opt = LitMiniGPT(cfg).configure_optimizers()
     assert isinstance(opt["optimizer"], torch.optim.Adam) and opt["lr_scheduler"]["interval"] == "step"
     assert isinstance(opt["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+# -- the cosine schedule follows the run's budget (decay_steps null) ---------------------------------------
+class RecordLR(Callback):
+    def __init__(self, clock: list[float] | None = None, stop_at: int | None = None, ckpt: str | None = None):
+        self.lrs, self.clock, self.stop_at, self.ckpt = [], clock, stop_at, ckpt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.clock is not None:
+            self.clock[0] += 1.0  # each step takes one second of the fake clock
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.stop_at:  # an interruption, with the same limits as the full run
+            trainer.save_checkpoint(self.ckpt)
+            trainer.should_stop = True
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    import types
+
+    import lightning.pytorch.callbacks.timer as timer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(timer_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    return clock
+
+
+def budget_run(tiny_corpus, tmp_path, limit: str, callback: RecordLR, ckpt_path=None):
+    seed_everything(3)
+    dm = IMDBDataModule(source="text", text_path=str(tiny_corpus), block_size=8, batch_size=4, val_fraction=0.2)
+    cfg = GPTConfig.tiny(vocab_size=dm.vocab_size, block_size=8)
+    lit = LitMiniGPT(cfg, optimizer="adamw", lr=1.0, scheduler="cosine", warmup_steps=2, min_lr=0.1)
+    budget = dict(max_steps=12) if limit == "max_steps" else dict(max_time={"seconds": 12})
+    t = Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, **budget)  # fmt: skip
+    t.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+    return t
+
+
+def cosine(progress: float) -> float:
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_time"])
+def test_cosine_reaches_min_lr_when_the_budget_ends(tiny_corpus, tmp_path, limit, fake_clock):
+    rec = RecordLR(clock=fake_clock)
+    t = budget_run(tiny_corpus, tmp_path, limit, rec)
+    assert t.global_step == 12  # 12 steps, or 12 seconds of the fake clock
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)  # min_lr after the last step
+    assert rec.lrs[:3] == pytest.approx([0.5, 1.0, 1.0])  # warmup
+    # Peak rate when warmup ends, then by steps: (step - warmup) / (max_steps - warmup); by time: the
+    # fraction of max_time spent (one fake second per step).
+    progress = [(s - 2) / 10 for s in range(3, 12)] if limit == "max_steps" else [s / 12 for s in range(3, 12)]
+    progress = [0.0, *progress]
+    assert rec.lrs[2:] == pytest.approx([cosine(p) for p in progress])
+
+
+@pytest.mark.parametrize("limit", ["max_steps", "max_time"])
+def test_resume_mid_schedule_gives_the_same_learning_rates(tiny_corpus, tmp_path, limit, fake_clock):
+    straight = RecordLR(clock=fake_clock)
+    budget_run(tiny_corpus, tmp_path / "a", limit, straight)
+    ckpt = str(tmp_path / "mid.ckpt")
+    first = RecordLR(clock=fake_clock, stop_at=5, ckpt=ckpt)
+    budget_run(tiny_corpus, tmp_path / "b", limit, first)
+    fake_clock[0] += 500.0  # the resumed process starts later: only the time spent training counts
+    second = RecordLR(clock=fake_clock)
+    t = budget_run(tiny_corpus, tmp_path / "b", limit, second, ckpt_path=ckpt)
+    assert len(first.lrs) == 5 and t.global_step == 12
+    assert first.lrs + second.lrs == pytest.approx(straight.lrs, abs=1e-12)
+
+
+def test_cosine_without_any_limit_is_refused(tiny_corpus, tmp_path):
+    lit = LitMiniGPT(GPTConfig.tiny(), scheduler="cosine")
+    lit.trainer = Trainer(max_epochs=-1, logger=False)
+    with pytest.raises(ValueError, match="set --trainer.max_steps, --trainer.max_time or model.decay_steps"):
+        lit._lr_factor(5)
+
+
+# -- no host synchronisation per training step ------------------------------------------------------------
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_training_steps_read_nothing_on_the_host_except_on_logging_steps(tiny_corpus, tmp_path, monkeypatch):
+    # On CUDA, reading a tensor's value on the host (bool(t), t.item(), float(t), ...) waits for the device.
+    # CPU proxy: count those reads while each training step runs (forward, loss, backward, clipping, the
+    # optimizer and the scheduler). Only logging steps (every 3rd here) may read. The meta-device test in
+    # test_kernels.py covers reads hidden in C++ (boolean indexing) for the model's plain loss.
+    reads = [0]
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            reads[0] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    class Count(Callback):
+        def __init__(self):
+            self.per_step = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.logging = trainer._logger_connector.should_update_logs
+            reads[0] = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.per_step.append((self.logging, reads[0]))
+
+    dm, lit = make(tiny_corpus, tmp_path, loss_kernel="plain")
+    count = Count()
+    t = trainer(tmp_path, 12, [count], log_every_n_steps=3, enable_checkpointing=False, limit_val_batches=0)
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    t.fit(lit, datamodule=dm)
+    monkeypatch.undo()
+    assert [n for logging, n in count.per_step if not logging] == [0] * 8
+    assert all(n > 0 for logging, n in count.per_step if logging)  # the proxy does see host reads
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_weights_finite(tiny_corpus, tmp_path):
+    # lr 1e6: the first step moves every weight by ~1e6, a later loss is not finite. The check runs on
+    # logging steps (every 50th: never here) and before every checkpoint (every step here).
+    dm, lit = make(tiny_corpus, tmp_path)
+    lit.hparams.lr = 1e6
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+    t = trainer(tmp_path, 50, [ckpt], log_every_n_steps=50, gradient_clip_val=None, limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match=r"training stopped: the loss is (nan|inf) at step \d+"):
+        t.fit(lit, datamodule=dm)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] < t.global_step
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    # The fused optimizer skipped every update after the bad step, without a host read.
+    assert all(torch.isfinite(p).all() for p in lit.parameters())

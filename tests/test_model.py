@@ -3,53 +3,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from tutorial_model import TransformerModel
 
-import minigpt.model as model_module
 from minigpt.config import GPTConfig
-from minigpt.model import GPT, PAD_ID, lm_loss
+from minigpt.model import GPT, lm_loss
 
-# ---------------------------------------------------------------------------------------------------------
-# The PyTorch tutorial's model ("Language Modeling with nn.Transformer"), as the fidelity reference, with
-# its head reading the encoder output (the fix minigpt makes) and batch-first layers.
+PAD_ID = 1  # <pad> in minigpt's word vocabularies: an input filler here, never a loss default
+IGNORE = -100  # F.cross_entropy's ignore_index, the loss's default
 
-
-class TutorialPositionalEncoding(nn.Module):
-    def __init__(self, d_model: int, dropout: float = 0.1, max_len: int = 5000):
-        super().__init__()
-        self.dropout = nn.Dropout(p=dropout)
-        position = torch.arange(max_len).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, 1, d_model)
-        pe[:, 0, 0::2] = torch.sin(position * div_term)
-        pe[:, 0, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe)
-
-    def forward(self, x):  # (T, B, C)
-        x = x + self.pe[: x.size(0)]
-        return self.dropout(x)
-
-
-class TutorialModel(nn.Module):
-    def __init__(self, ntoken: int, d_model: int, nhead: int, d_hid: int, nlayers: int, dropout: float):
-        super().__init__()
-        self.d_model = d_model
-        self.pos_encoder = TutorialPositionalEncoding(d_model, dropout)
-        layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout, batch_first=True)
-        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
-        self.embedding = nn.Embedding(ntoken, d_model)
-        self.linear = nn.Linear(d_model, ntoken)
-
-    def forward(self, src, src_key_padding_mask=None):  # (B, T)
-        x = self.embedding(src) * math.sqrt(self.d_model)
-        x = self.pos_encoder(x.transpose(0, 1)).transpose(0, 1)
-        mask = nn.Transformer.generate_square_subsequent_mask(src.size(1))
-        if src_key_padding_mask is not None:  # same float form as the causal mask
-            src_key_padding_mask = torch.zeros(src.shape).masked_fill(src_key_padding_mask, float("-inf"))
-        x = self.transformer_encoder(x, mask=mask, src_key_padding_mask=src_key_padding_mask)
-        return self.linear(x)
-
-
-def copy_tutorial_weights(model: GPT, ref: TutorialModel) -> None:
+def copy_tutorial_weights(model: GPT, ref: TransformerModel) -> None:
     with torch.no_grad():
         model.transformer.wte.weight.copy_(ref.embedding.weight)
         model.lm_head.weight.copy_(ref.linear.weight)
@@ -120,7 +82,7 @@ ARCHITECTURES = [
 def test_seed_model_equals_tutorial_transformer_encoder(padded):
     vocab_size, block_size = 500, 30
     torch.manual_seed(0)
-    ref = TutorialModel(vocab_size, 200, 2, 2048, 2, dropout=0.2).eval()
+    ref = TransformerModel(vocab_size, 200, 2, 2048, 2, dropout=0.2).eval()
     model = GPT(GPTConfig.seed(vocab_size=vocab_size, block_size=block_size)).eval()
     copy_tutorial_weights(model, ref)
 
@@ -130,8 +92,11 @@ def test_seed_model_equals_tutorial_transformer_encoder(padded):
         lengths = torch.tensor([30, 17, 5, 1])
         pad = torch.arange(block_size)[None, :] >= lengths[:, None]
         idx[pad] = PAD_ID
+    causal = nn.Transformer.generate_square_subsequent_mask(block_size)
+    # The same float form as the causal mask (mixing bool and float masks is deprecated).
+    float_pad = None if pad is None else torch.zeros(pad.shape).masked_fill(pad, float("-inf"))
     with torch.no_grad():
-        expected = ref(idx, src_key_padding_mask=pad)
+        expected = ref(idx.t(), causal, src_key_padding_mask=float_pad).transpose(0, 1)  # sequence-first
         logits = model(idx, pad)
     assert logits.shape == (4, block_size, vocab_size)
     keep = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
@@ -205,6 +170,7 @@ def test_overfits_one_batch():
     assert loss.item() < 0.01
 
 
+@pytest.mark.parametrize("loss_kernel", ["plain", "fused"])
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -213,43 +179,73 @@ def test_overfits_one_batch():
         pytest.param(dict(bias=False, positional="learned"), id="learned-nobias"),
     ],
 )
-def test_chunked_loss_and_gradients_equal_plain_cross_entropy(overrides, monkeypatch):
-    # 32 x 5 logits per chunk: 5 rows, so the 43 counted rows of this batch take 9 chunks (last one partial).
-    monkeypatch.setattr(model_module, "_LOSS_CHUNK_ELEMENTS", 32 * 5)
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(overrides, loss_kernel):
     model = make_model(vocab_size=32, **overrides)
+    model.loss_kernel = loss_kernel
     idx = random_ids(32, 3, 16, seed=7)
     targets = random_ids(32, 3, 16, seed=8)
     lengths = torch.tensor([16, 12, 16])
     pad = torch.arange(16)[None, :] >= lengths[:, None]
-    idx[pad], targets[pad] = PAD_ID, PAD_ID
-    targets[2, 3] = PAD_ID  # an ignored target inside a sequence
+    idx[pad], targets[pad] = PAD_ID, IGNORE
+    targets[2, 3] = IGNORE  # an ignored target inside a sequence
     params = dict(model.named_parameters())
 
     plain = lm_loss(model(idx, pad), targets)
     plain_grads = torch.autograd.grad(plain, list(params.values()))
-    chunked = model.loss(idx, targets, pad)
-    chunked_grads = torch.autograd.grad(chunked, list(params.values()))
+    # 48 rows, 43 of them counted: one chunk, chunks of 5 (the last one partial), 7, and row by row.
+    for chunk_size in (None, 5, 7, 1):
+        chunked = model.loss(idx, targets, pad, chunk_size=chunk_size)
+        chunked_grads = torch.autograd.grad(chunked, list(params.values()))
+        torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+        for name, g_plain, g_chunked in zip(params, plain_grads, chunked_grads):
+            torch.testing.assert_close(g_chunked, g_plain, atol=1e-5, rtol=0, msg=f"gradient of {name}, {chunk_size}")
 
-    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
-    for name, g_plain, g_chunked in zip(params, plain_grads, chunked_grads):
-        torch.testing.assert_close(g_chunked, g_plain, atol=1e-5, rtol=0, msg=f"gradient of {name}")
-
-    torch.testing.assert_close(model.loss(idx, targets, pad, chunk_size=7), plain, atol=1e-5, rtol=0)
     nll_sum, count = model.loss_sum_and_count(idx, targets, pad)
-    assert count.item() == (targets != PAD_ID).sum().item() == 43
+    assert count.item() == (targets != IGNORE).sum().item() == 43
     torch.testing.assert_close(nll_sum / count, plain, atol=1e-5, rtol=0)
     with torch.no_grad():  # the no-grad path skips the gradient products but gives the same loss
         torch.testing.assert_close(model.loss(idx, targets, pad), plain.detach(), atol=1e-5, rtol=0)
 
 
-def test_loss_with_no_counted_target_is_zero():
+@pytest.mark.parametrize("loss_kernel", ["plain", "fused"])
+def test_loss_with_no_counted_target_is_zero(loss_kernel):
     model = make_model()
+    model.loss_kernel = loss_kernel
     idx = random_ids(32, 2, 8)
-    targets = torch.full_like(idx, PAD_ID)
+    targets = torch.full_like(idx, IGNORE)
     loss = model.loss(idx, targets)
     loss.backward()
     assert loss.item() == 0.0
     assert model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("loss_kernel", ["plain", "fused"])
+def test_default_ignore_index_counts_every_real_token_id(loss_kernel):
+    # With GPT-2's byte-level BPE, id 1 is '"' and id 2 is '#': real tokens that the loss must count. Only
+    # F.cross_entropy's -100 is ignored by default (minigpt's old default ignored id 1, every quote).
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # GPT-2's byte-level alphabet in GPT-2's order ('!' = 0, '"' = 1, '#' = 2, ...), no merges.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    bpe = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, []))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ids = bpe.encode('A "great" #1').ids
+    assert bpe.token_to_id('"') == 1 and ids.count(1) == 2
+    model = make_model(vocab_size=256, block_size=16)
+    model.loss_kernel = loss_kernel
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    nll_sum, count = model.loss_sum_and_count(x, y)
+    assert count.item() == y.numel()
+    torch.testing.assert_close(model.loss(x, y), lm_loss(model(x), y), atol=1e-5, rtol=0)
+    # The quote's own loss is in the mean: leaving it out changes the loss.
+    without_quotes = lm_loss(model(x), torch.where(y == 1, IGNORE, y))
+    assert abs(model.loss(x, y).item() - without_quotes.item()) > 1e-4
+
+
+def test_loss_kernel_is_validated():
+    with pytest.raises(ValueError, match="loss_kernel must be one of"):
+        GPT(GPTConfig.tiny(), loss_kernel="fast")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,7 +256,7 @@ def test_adaptive_head_log_probabilities_and_loss():
     model = make_model(head="adaptive", adaptive_cutoffs=(8, 20))
     idx = random_ids(32, 3, 16, seed=9)
     targets = random_ids(32, 3, 16, seed=10)
-    targets[1, 10:] = PAD_ID
+    targets[1, 10:] = IGNORE
     log_probs = model(idx)
     assert log_probs.shape == (3, 16, 32)
     # Normalised over the whole vocabulary, so its softmax is itself.

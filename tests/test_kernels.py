@@ -1,9 +1,11 @@
-"""The training step's fast paths compute what the plain paths compute (issue 6).
+"""The optional training fast paths (`minigpt/kernels.py`, training section) compute what the plain paths do.
 
-- the fused head + cross-entropy (`_ChunkedLinearCrossEntropy`): in-place softmax in a reused buffer, the last
-  chunk's gradient products deferred to the backward pass, -log(p) with an exact fallback for tiny p;
-- the fused Adam/AdamW that `LitMiniGPT.configure_optimizers` picks on CPU;
-- `scripts/bench_train.py` end to end at a tiny size.
+- the fused head + cross-entropy (`kernels.fused_linear_nll_sum`): in-place softmax in a reused buffer, the
+  last chunk's gradient products deferred to the backward pass, -log(p) with an exact fallback for tiny p;
+  held to the plain path in float32 (atol 1e-5) and under bf16 autocast;
+- which loss `GPT.loss_kernel="auto"` picks;
+- the fused Adam/AdamW that `LitMiniGPT.configure_optimizers` picks;
+- `scripts/bench_train.py` at a tiny size: what the benchmark promises (same shapes, same optimizer).
 """
 
 import copy
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import minigpt.model as model_module
+from minigpt import kernels
 from minigpt.config import GPTConfig
 from minigpt.lit_module import LitMiniGPT
 from minigpt.model import GPT, lm_loss
@@ -22,9 +24,9 @@ from minigpt.model import GPT, lm_loss
 IGNORE = -100
 
 
-def tiny_model(**overrides) -> GPT:
+def tiny_model(loss_kernel: str = "fused", **overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.tiny(vocab_size=48, block_size=12, **overrides))
+    return GPT(GPTConfig.tiny(vocab_size=48, block_size=12, **overrides), loss_kernel=loss_kernel)
 
 
 def batch(seed: int = 1, B: int = 4, T: int = 12, V: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,12 +159,15 @@ def test_buffer_is_not_copied_or_pickled_with_the_model():
     assert not any("workspace" in k for k in model.state_dict())
 
 
-def test_default_chunking_keeps_whole_batches_of_the_tutorial_size_in_one_chunk():
-    # 32 x 30 rows at a 100,000-word vocabulary fit one chunk; block 128 takes equal chunks of 1,024.
-    rows = model_module._LOSS_CHUNK_ELEMENTS // 100_000
-    assert rows >= 32 * 30
-    n_chunks = -(-32 * 128 // rows)
-    assert -(-32 * 128 // n_chunks) == 1024
+def test_chunks_are_equal_and_never_above_the_limit():
+    for n in (1, 5, 42, 960, 4096, 10_001):
+        for limit in (1, 5, 7, 1024, 1341):
+            rows = kernels.chunk_rows(n, limit)
+            chunks = -(-n // rows)
+            assert rows <= limit and chunks == -(-n // limit)  # as few chunks as the limit allows ...
+            assert n - (chunks - 1) * rows > rows - chunks  # ... and a last chunk about as long as the others
+    # The tutorial's batch (32 x 30 rows at a 100,000-word vocabulary) fits the fused kernel's one buffer.
+    assert kernels.LOSS_CHUNK_ELEMENTS // 100_000 >= 32 * 30
 
 
 # -- optimizer -----------------------------------------------------------------------------------------
@@ -215,3 +220,59 @@ def test_bench_train_runs_at_a_tiny_size(monkeypatch):
         assert r[key] > 0, key
     if meter.memory_ok:
         assert r["minigpt_peak_rss_mb"] > 0 and r["hf_peak_rss_mb"] > 0
+
+
+# -- bf16 autocast and the automatic choice -----------------------------------------------------------------
+def loss_and_grads(model: GPT, idx, targets):
+    loss = model.loss(idx, targets)
+    return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_weights=True, lm_head_bias=False)], ids=["bias", "tied"])
+def test_fused_head_under_bf16_autocast_equals_plain_path(overrides):
+    # Under autocast the kernel takes its other branch (logits from F.linear in bf16, upcast to float32).
+    # Both paths round the head's products to bf16 (8 bits of mantissa), so they agree to bf16 precision:
+    # loss within 2e-3 relative, gradients within 2% of each gradient's largest entry; and both stay within
+    # 1e-2 of the float32 loss.
+    idx, targets = batch(seed=11)
+    fused, plain = tiny_model("fused", **overrides), tiny_model("plain", **overrides)
+    fp32_loss = plain.loss(idx, targets).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_f, grads_f = loss_and_grads(fused, idx, targets)
+        loss_p, grads_p = loss_and_grads(plain, idx, targets)
+    assert loss_f.dtype == loss_p.dtype == torch.float32
+    torch.testing.assert_close(loss_f, loss_p, rtol=2e-3, atol=0)
+    torch.testing.assert_close(loss_f, fp32_loss, rtol=1e-2, atol=0)
+    for (name, p), g_f, g_p in zip(fused.named_parameters(), grads_f, grads_p):
+        assert g_f.dtype == g_p.dtype == p.dtype
+        torch.testing.assert_close(g_f, g_p, atol=0.02 * g_p.abs().max().item(), rtol=0, msg=f"gradient of {name}")
+
+
+def test_auto_takes_the_fused_kernel_only_for_float32_on_cpu_without_autocast(monkeypatch):
+    calls = []
+    real = kernels.fused_linear_nll_sum
+    monkeypatch.setattr(kernels, "fused_linear_nll_sum", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    idx, targets = batch()
+    model = tiny_model("auto")
+    model.loss(idx, targets)
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(idx, targets)
+    model.to(torch.bfloat16).loss(idx, targets)
+    tiny_model("plain").loss(idx, targets)
+    assert len(calls) == 1  # autocast, bf16 weights and "plain" all took the plain path
+
+
+def test_plain_loss_has_no_data_dependent_shape():
+    # On the meta device every value is unknown: an op whose output shape depends on the data (boolean
+    # indexing, nonzero) or that reads a value on the host (item, bool) fails. The plain path (the one
+    # "auto" takes on a GPU) runs forward and backward there, so it never waits for the device.
+    with torch.device("meta"):
+        model = GPT(GPTConfig.tiny(vocab_size=48, block_size=12), loss_kernel="plain")
+    idx, targets = (t.to("meta") for t in batch())
+    loss = model.loss(idx, targets)
+    loss.backward()
+    assert loss.device.type == "meta" and model.lm_head.weight.grad is not None
+    model.loss_kernel = "fused"  # boolean row selection and `.any()`: the proxy catches them
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        model.loss(idx, targets)
