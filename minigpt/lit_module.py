@@ -64,8 +64,8 @@ class LitMiniGPT(pl.LightningModule):
             min_lr: "cosine": final learning rate.
             init_from: a minigpt checkpoint whose weights start this run (fine-tuning); its
                 vocabulary must equal the data's.
-            compile: ``torch.compile`` the model (in place, so checkpoints keep their keys). Worth
-                it on a GPU; off by default because on CPU compiling costs more than it saves here.
+            compile: ``torch.compile`` the Transformer blocks (in place, so checkpoints keep their keys).
+                Off by default: compiling costs time up front (and needs a C compiler on CPU).
             loss_kernel: the linear head's training loss (``GPT.loss_kernel``): "plain" (chunked
                 ``F.cross_entropy``), "fused" (``minigpt.kernels``) or "auto" (fused for float32 on CPU
                 without autocast, where its benchmark shows a gain; plain elsewhere).
@@ -296,7 +296,10 @@ class LitMiniGPT(pl.LightningModule):
     # -- what a checkpoint carries ------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not getattr(self, "_compiled", False):
-            self.model.compile()
+            # Each block, in place (checkpoints keep their keys): training calls the model's loss, not
+            # `model(...)`, so compiling the GPT module itself would leave the training step eager.
+            for block in self.model.transformer.h:
+                block.compile()
             self._compiled = True
 
     def setup(self, stage: str) -> None:

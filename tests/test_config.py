@@ -92,18 +92,28 @@ def test_tiny_preset():
     assert GPTConfig.tiny(n_layer=1).n_layer == 1
 
 
-def test_gpt2_preset_matches_gpt2_small():
-    config = GPTConfig.gpt2()
-    assert (config.vocab_size, config.block_size, config.n_embd, config.n_layer, config.n_head) == (
-        50257,
-        1024,
-        768,
-        12,
-        12,
-    )
-    assert config.d_ff == 4 * 768 and config.dropout == 0.1 and config.layer_norm_eps == 1e-5
-    assert config.norm_first and config.activation == "gelu_tanh" and config.positional == "learned"
-    assert config.tie_weights and not config.scale_embedding and config.bias and not config.lm_head_bias
+def test_gpt2_preset_matches_transformers_gpt2_config():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf, config = GPT2Config(), GPTConfig.gpt2()
+    # Field by field against Hugging Face's defaults (GPT-2 small).
+    assert config.vocab_size == hf.vocab_size
+    assert config.block_size == hf.n_positions
+    assert config.n_embd == hf.n_embd and config.n_layer == hf.n_layer and config.n_head == hf.n_head
+    assert config.d_ff == (hf.n_inner or 4 * hf.n_embd)
+    assert config.activation == {"gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[hf.activation_function]
+    assert config.dropout == hf.resid_pdrop == hf.embd_pdrop == hf.attn_pdrop
+    assert config.layer_norm_eps == hf.layer_norm_epsilon
+    assert config.tie_weights == hf.tie_word_embeddings
+    # What GPT2LMHeadModel builds rather than configures: learned positions, pre-norm with a final ln_f,
+    # biases in every Linear/LayerNorm but none on the head, unscaled embeddings.
+    tiny_hf = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=8))
+    names = dict(tiny_hf.named_parameters())
+    assert config.positional == "learned" and "transformer.wpe.weight" in names
+    assert config.norm_first and "transformer.ln_f.weight" in names
+    assert config.bias and "transformer.h.0.attn.c_attn.bias" in names and "transformer.h.0.ln_1.bias" in names
+    assert not config.lm_head_bias and tiny_hf.lm_head.bias is None
+    assert not config.scale_embedding and config.head == "linear"
     small = GPTConfig.gpt2(vocab_size=100, block_size=8, n_embd=16, n_layer=1, n_head=2)
     assert small.d_ff == 64
     assert GPTConfig.gpt2(n_embd=16, n_head=2, d_ff=20).d_ff == 20
