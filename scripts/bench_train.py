@@ -1,23 +1,31 @@
-"""Training throughput and memory: minigpt vs the PyTorch tutorial's model vs Hugging Face GPT-2 (issue 6).
+"""Training throughput and memory: minigpt vs the PyTorch tutorial's model vs Hugging Face GPT-2 (issues 6, 13).
 
-    python scripts/bench_train.py [--blocks 30 128] [--json]
+    python scripts/bench_train.py [--blocks 30 128] [--rounds 5] [--peers-own-optimizer] [--json]
 
-All three train the same size of model (width 200, 2 layers, 2 heads, d_ff 2048, vocabulary 100,000, batch
-32) with the same optimizer (the tutorial's Adam: lr 1e-2, betas 0.9/0.999, L2 weight decay 0.01), StepLR and
-gradient clipping at 0.5, on the same synthetic batches:
+All contenders train the same size of model (width 200, 2 layers, 2 heads, d_ff 2048, vocabulary 100,000,
+batch 32) on the same synthetic (batch, block) token batches, with the SAME optimizer implementation and
+settings: the optimizer object minigpt's `configure_optimizers` builds (the tutorial's Adam: lr 1e-2, betas
+0.9/0.999, L2 weight decay 0.01; fused where minigpt uses the fused kernel) is cloned for every peer, with
+StepLR and gradient clipping at 0.5. The JSON says so ("peer_optimizer": "same") and lists each contender's
+optimizer class and settings, checked equal before anything is reported.
 
 - minigpt: `LitMiniGPT(GPTConfig.seed(...))` driven by a real Lightning `Trainer.fit`, so a step is exactly what
-  `minigpt fit` runs: forward, chunked loss, backward, clipping (`configure_gradient_clipping`), the optimizer
-  from `configure_optimizers`, the per-step scheduler and Lightning's hooks and logging;
-- tutorial: the PyTorch tutorial's `TransformerModel` (embedding, `PositionalEncoding`, `nn.TransformerEncoder`
-  with a causal mask, `nn.Linear` head, full logits + `F.cross_entropy`), written out below;
-- hf: `transformers.GPT2LMHeadModel` (defaults otherwise: tied head, dropout 0.1), loss from `labels=`.
+  `minigpt fit` runs: forward, loss (the kernel `loss_kernel="auto"` picks), backward, clipping, the
+  optimizer, the per-step scheduler and Lightning's hooks and logging;
+- tutorial: the PyTorch tutorial's `TransformerModel` (tests/tutorial_model.py: embedding, `PositionalEncoding`,
+  `nn.TransformerEncoder` with a causal mask, `nn.Linear` head, full logits + `F.cross_entropy`);
+- hf: `transformers.GPT2LMHeadModel` (defaults otherwise: tied head, dropout 0.1), loss from `labels=`;
+- loss rows (`--kernel-rows`, on by default): minigpt's model and optimizer stepped by hand (no Lightning)
+  with `loss_kernel="plain"` and `"fused"`: where the optional fused loss kernel wins, and by how much.
+- `--peers-own-optimizer` adds a second, labelled table: the peers with `torch.optim.Adam`'s default
+  implementation, as their own code runs them (not used in the ratios).
 
-The contenders take turns, one step each per round, in one process (the two other models' steps run in the
-Trainer's `on_train_batch_end`), so load from other processes hits them alike; the table shows medians over
-the timed rounds. Each round also times the head's three matrix products (forward, input gradient, weight
-gradient) at the benchmark's shapes: the machine's fp32 matmul rate, which bounds tokens/s at
-rate / (6 x n_embd x vocab) because those products alone cost that many FLOP per token.
+The contenders take turns, one step each per round, in one process (the other steps run in the Trainer's
+`on_train_batch_end`), so load from other processes hits them alike; the table shows medians over the timed
+rounds (`--rounds`, at least 5). Each round also times the head's three matrix products (logits, input
+gradient, weight gradient) with plain `torch.matmul` at the benchmark's shapes (batch x block rows): the
+machine's matmul rate, which bounds tokens/s at rate / (6 x n_embd x vocab) because those products alone
+cost that many FLOP per token. `of_bound` is minigpt's tokens/s over that bound. Timers synchronise CUDA.
 
 Peak memory (CPU): every step starts by resetting the kernel's resident-set high-water mark (writing 5 to
 /proc/self/clear_refs) and ends by reading it (VmHWM). A contender's peak is: the process's RSS before any
@@ -32,63 +40,59 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tutorial_model import TransformerModel  # noqa: E402  (the one copy of the tutorial's model)
+
 WIDTH, LAYERS, HEADS, D_FF, VOCAB, BATCH = 200, 2, 2, 2048, 100_000, 32
 LR, BETAS, WEIGHT_DECAY, CLIP, STEP_SIZE, GAMMA = 1e-2, (0.9, 0.999), 0.01, 0.5, 10_000, 0.9
+QUICK = dict(WIDTH=16, D_FF=32, VOCAB=64, BATCH=2)  # --quick: a smoke run in seconds (tests use it)
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "fused", "capturable")
 
 
-# -- the tutorial's model (PyTorch "Language Modeling with nn.Transformer and torchtext") ------------------
-class PositionalEncoding(nn.Module):
-    def __init__(self, d_model: int, dropout: float = 0.1, max_len: int = 5000):
-        super().__init__()
-        self.dropout = nn.Dropout(p=dropout)
-        position = torch.arange(max_len).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, 1, d_model)
-        pe[:, 0, 0::2] = torch.sin(position * div_term)
-        pe[:, 0, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe)
+@dataclass
+class Contender:
+    """One training step to time, and what it steps with (checked equal across contenders)."""
 
-    def forward(self, x):  # (T, B, C)
-        return self.dropout(x + self.pe[: x.size(0)])
+    step: Callable[[], None]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batch_shape: tuple[int, int]  # (batch, block) of the token ids it trains on
 
 
-class TutorialModel(nn.Module):
-    def __init__(self, ntoken: int, d_model: int, nhead: int, d_hid: int, nlayers: int, dropout: float = 0.2):
-        super().__init__()
-        self.pos_encoder = PositionalEncoding(d_model, dropout)
-        layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout)
-        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
-        self.embedding = nn.Embedding(ntoken, d_model)
-        self.d_model = d_model
-        self.linear = nn.Linear(d_model, ntoken)
-        self.embedding.weight.data.uniform_(-0.1, 0.1)
-        self.linear.bias.data.zero_()
-        self.linear.weight.data.uniform_(-0.1, 0.1)
-
-    def forward(self, src, src_mask):  # src: (T, B) -> (T, B, ntoken)
-        src = self.pos_encoder(self.embedding(src) * math.sqrt(self.d_model))
-        return self.linear(self.transformer_encoder(src, src_mask))
+def optimizer_settings(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    settings = {"class": type(opt).__name__, **{k: opt.defaults.get(k) for k in OPTIMIZER_KEYS}}
+    settings["betas"] = list(settings["betas"])
+    return settings | {"scheduler": type(sched).__name__, "step_size": sched.step_size, "gamma": sched.gamma}
 
 
-def _adam(params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    opt = torch.optim.Adam(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)  # PyTorch defaults otherwise
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=STEP_SIZE, gamma=GAMMA)
+def clone_optimizer(like: torch.optim.Optimizer | None, params) -> torch.optim.Optimizer:
+    """An optimizer of `like`'s class and settings over `params`; None: torch.optim.Adam's own defaults."""
+    if like is None:
+        return torch.optim.Adam(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    return type(like)(params, **{k: v for k, v in like.defaults.items() if k in OPTIMIZER_KEYS})
 
 
-def tutorial_step_fn(block: int, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
-    model = TutorialModel(VOCAB, WIDTH, HEADS, D_FF, LAYERS).to(device).train()
-    opt, sched = _adam(model.parameters())
+def _step_lr(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=STEP_SIZE, gamma=GAMMA)
+
+
+def tutorial_contender(x, y, device, like) -> Contender:
+    block = x.size(1)
+    model = TransformerModel(VOCAB, WIDTH, HEADS, D_FF, LAYERS).to(device).train()
+    opt = clone_optimizer(like, model.parameters())
+    sched = _step_lr(opt)
     mask = nn.Transformer.generate_square_subsequent_mask(block, device=device)
     src, tgt = x.t().contiguous(), y.t().contiguous()  # the tutorial is sequence-first
 
@@ -102,15 +106,17 @@ def tutorial_step_fn(block: int, x: torch.Tensor, y: torch.Tensor, device: torch
         opt.step()
         sched.step()
 
-    return step
+    return Contender(step, opt, sched, tuple(x.shape))
 
 
-def hf_step_fn(block: int, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
+def hf_contender(x, y, device, like) -> Contender:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=128, n_inner=D_FF)
+    cfg = GPT2Config(n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=max(128, x.size(1)),
+                     n_inner=D_FF)  # fmt: skip
     model = GPT2LMHeadModel(cfg).to(device).train()
-    opt, sched = _adam(model.parameters())
+    opt = clone_optimizer(like, model.parameters())
+    sched = _step_lr(opt)
 
     def step() -> None:
         opt.zero_grad()
@@ -121,7 +127,27 @@ def hf_step_fn(block: int, x: torch.Tensor, y: torch.Tensor, device: torch.devic
         opt.step()
         sched.step()
 
-    return step
+    return Contender(step, opt, sched, tuple(x.shape))
+
+
+def loss_kernel_contender(x, y, device, like, loss_kernel: str) -> Contender:
+    """minigpt's model and optimizer without Lightning, with the given loss kernel."""
+    from minigpt.model import GPT
+
+    model = GPT(_config(x.size(1)), loss_kernel=loss_kernel).to(device).train()
+    opt = clone_optimizer(like, model.parameters())
+    sched = _step_lr(opt)
+
+    def step() -> None:
+        opt.zero_grad()
+        with _autocast(device):
+            loss = model.loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        sched.step()
+
+    return Contender(step, opt, sched, tuple(x.shape))
 
 
 def _autocast(device: torch.device):
@@ -200,17 +226,15 @@ class Meter:
 
 
 def head_matmul_probe(rows: int, device: torch.device) -> tuple[Callable[[], None], float]:
-    """The head's three products at the benchmark's shapes, into preallocated outputs: (probe, FLOP)."""
+    """The head's three products with plain `torch.matmul` at the benchmark's shapes: (probe, FLOP)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(rows, WIDTH, generator=g).to(device)
     w = torch.randn(VOCAB, WIDTH, generator=g).to(device)
-    logits = torch.empty(rows, VOCAB, device=device)
-    gx, gw = torch.empty(rows, WIDTH, device=device), torch.empty(VOCAB, WIDTH, device=device)
 
     def probe() -> None:
-        torch.mm(x, w.t(), out=logits)
-        torch.mm(logits, w, out=gx)
-        torch.mm(logits.t(), x, out=gw)
+        logits = torch.matmul(x, w.t())  # (rows, V)
+        torch.matmul(logits, w)  # d loss / d x: (rows, C)
+        torch.matmul(logits.t(), x)  # d loss / d w: (V, C)
 
     return probe, 3 * 2.0 * rows * WIDTH * VOCAB
 
@@ -222,7 +246,8 @@ def model_flops_per_token(block: int) -> float:
 
 
 # -- one block size ------------------------------------------------------------------------------------
-def bench_block(block: int, warmup: int, steps: int, device: torch.device, meter: Meter) -> dict:
+def bench_block(block: int, warmup: int, rounds: int, device: torch.device, meter: Meter, *,
+                kernel_rows: bool = True, peers_own_optimizer: bool = False) -> dict:  # fmt: skip
     import lightning.pytorch as pl
 
     from minigpt.lit_module import LitMiniGPT
@@ -231,15 +256,28 @@ def bench_block(block: int, warmup: int, steps: int, device: torch.device, meter
     x = torch.randint(3, VOCAB, (BATCH, block), generator=g).to(device)
     y = torch.roll(x, -1, dims=1)
     tag = f"@{block}"
-    others = {
-        "tutorial": meter.build("tutorial" + tag, lambda: tutorial_step_fn(block, x, y, device)),
-        "hf": meter.build("hf" + tag, lambda: hf_step_fn(block, x, y, device)),
-    }
-    probe, probe_flop = head_matmul_probe(min(BATCH * block, 1024), device)
+    others: dict[str, Contender] = {}
+    minigpt_shapes: list[tuple[int, int]] = []
+    probe, probe_flop = head_matmul_probe(BATCH * block, device)
     lit = meter.build("minigpt" + tag, lambda: LitMiniGPT(_config(block)))
 
     class Rounds(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            # The peers get a clone of the optimizer minigpt's configure_optimizers built.
+            like = trainer.optimizers[0]
+            makers = {"tutorial": lambda: tutorial_contender(x, y, device, like),
+                      "hf": lambda: hf_contender(x, y, device, like)}  # fmt: skip
+            if kernel_rows:
+                for kernel in ("plain", "fused"):
+                    makers[f"loss_{kernel}"] = lambda k=kernel: loss_kernel_contender(x, y, device, like, k)
+            if peers_own_optimizer:
+                makers["tutorial_own"] = lambda: tutorial_contender(x, y, device, None)
+                makers["hf_own"] = lambda: hf_contender(x, y, device, None)
+            for name, make in makers.items():
+                others[name] = meter.build(name + tag, make)
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            minigpt_shapes.append(tuple(batch[0].shape))
             meter.start("minigpt" + tag)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -249,25 +287,41 @@ def bench_block(block: int, warmup: int, steps: int, device: torch.device, meter
             if batch_idx % 2:
                 names.reverse()
             for name in names:
-                meter.run(name + tag, others[name], timed)
+                meter.run(name + tag, others[name].step, timed)
             meter.run("probe" + tag, probe, timed)
 
-    _fit(lit, _Repeat((x.cpu(), y.cpu()), warmup + steps), warmup + steps, device, [Rounds()])
+    trainer = _fit(lit, _Repeat((x.cpu(), y.cpu()), warmup + rounds), warmup + rounds, device, [Rounds()])
+    optimizer = trainer.optimizers[0]
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    settings = {"minigpt": optimizer_settings(optimizer, sched)}
+    shapes = {"minigpt": sorted(set(minigpt_shapes))}
+    for name, c in others.items():
+        settings[name] = optimizer_settings(c.optimizer, c.scheduler)
+        shapes[name] = [c.batch_shape]
+    same = [n for n in others if not n.endswith("_own")]
+    if any(settings[n] != settings["minigpt"] for n in same) or any(shapes[n] != shapes["minigpt"] for n in others):
+        raise RuntimeError(f"contenders differ: optimizers {settings}, shapes {shapes}")
 
-    med = {k: statistics.median(meter.times[k + tag]) for k in ("minigpt", "tutorial", "hf", "probe")}
+    names = ["minigpt", *others]
+    med = {k: statistics.median(meter.times[k + tag]) for k in [*names, "probe"]}
     rate = probe_flop / med["probe"]
     bound = rate / (6.0 * WIDTH * VOCAB)
     flop_tok = model_flops_per_token(block)
-    out: dict = {"tokens_per_step": BATCH * block, "matmul_gflops": rate / 1e9, "bound_tok_s": bound}
-    for k in ("minigpt", "tutorial", "hf"):
+    out: dict = {"tokens_per_step": BATCH * block, "batch_shape": [BATCH, block], "matmul_gflops": rate / 1e9,
+                 "bound_tok_s": bound, "rounds": {k: len(meter.times[k + tag]) for k in names}}  # fmt: skip
+    for k in names:
         tok_s = BATCH * block / med[k]
         out[f"{k}_tok_s"] = tok_s
         out[f"{k}_ms_step"] = med[k] * 1e3
         out[f"{k}_of_bound"] = tok_s / bound
         out[f"{k}_mfu"] = tok_s * flop_tok / rate
         out[f"{k}_peak_rss_mb"] = meter.peak[k + tag] / 2**20 if meter.memory_ok else None
+    out["of_bound"] = out["minigpt_of_bound"]
     out["vs_tutorial"] = out["minigpt_tok_s"] / out["tutorial_tok_s"]
     out["vs_hf"] = out["minigpt_tok_s"] / out["hf_tok_s"]
+    if kernel_rows:
+        out["fused_loss_speedup"] = out["loss_fused_tok_s"] / out["loss_plain_tok_s"]
+    out["optimizers"] = settings
     return out
 
 
@@ -293,7 +347,7 @@ class _Repeat:
         return iter([self.batch] * self.n)
 
 
-def _fit(lit, batches, max_steps: int, device: torch.device, callbacks: list) -> None:
+def _fit(lit, batches, max_steps: int, device: torch.device, callbacks: list):
     import lightning.pytorch as pl
 
     trainer = pl.Trainer(
@@ -311,6 +365,7 @@ def _fit(lit, batches, max_steps: int, device: torch.device, callbacks: list) ->
         callbacks=callbacks,
     )
     trainer.fit(lit, train_dataloaders=batches)
+    return trainer
 
 
 def bench_data(block: int, steps: int, device: torch.device) -> dict:
@@ -366,25 +421,30 @@ def bench_data(block: int, steps: int, device: torch.device) -> dict:
     }
 
 
+
+
 # -- report -------------------------------------------------------------------------------------------
 def print_table(results: dict, data: dict | None, device: torch.device) -> None:
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: width {WIDTH}, {LAYERS} layers, {HEADS} heads, d_ff {D_FF}, vocab {VOCAB:,}, batch {BATCH}")
-    print("optimizer: Adam lr 1e-2 betas 0.9/0.999 weight_decay 0.01 (L2), StepLR, clip_grad_norm 0.5 for all")
     print("minigpt: LitMiniGPT(GPTConfig.seed) through Lightning Trainer.fit (the step `minigpt fit` runs)")
     for block, r in results.items():
+        opt = r["optimizers"]["minigpt"]
         print(
-            f"\nblock {block} ({r['tokens_per_step']:,} tokens/step); head matmul rate {r['matmul_gflops']:.1f} "
-            f"GFLOP/s -> bound {r['bound_tok_s']:.0f} tokens/s"
+            f"\nblock {block} ({r['tokens_per_step']:,} tokens/step, median of {r['rounds']['minigpt']} rounds); "
+            f"head matmul rate {r['matmul_gflops']:.1f} GFLOP/s -> bound {r['bound_tok_s']:.0f} tokens/s"
         )
-        print(f"{'':10} {'tokens/s':>9} {'ms/step':>9} {'of bound':>9} {'MFU':>6} {'peak RSS MB':>12}")
-        for k in ("minigpt", "tutorial", "hf"):
-            mem = r[f"{k}_peak_rss_mb"]
-            print(
-                f"{k:10} {r[f'{k}_tok_s']:9.0f} {r[f'{k}_ms_step']:9.0f} {r[f'{k}_of_bound']:9.0%} "
-                f"{r[f'{k}_mfu']:6.0%} {'n/a' if mem is None else f'{mem:12.0f}'}"
-            )
-        print(f"minigpt vs_tutorial {r['vs_tutorial']:.2f}x   vs_hf {r['vs_hf']:.2f}x")
+        print(f"same optimizer for all: {opt['class']} (fused={opt['fused']}) lr {opt['lr']} betas {opt['betas']} "
+              f"weight_decay {opt['weight_decay']}, {opt['scheduler']}, clip_grad_norm {CLIP}")  # fmt: skip
+        rows = [k for k in ("minigpt", "tutorial", "hf", "loss_plain", "loss_fused") if f"{k}_tok_s" in r]
+        _rows(r, rows)
+        print(f"minigpt vs_tutorial {r['vs_tutorial']:.2f}x   vs_hf {r['vs_hf']:.2f}x   of bound {r['of_bound']:.0%}")
+        if "fused_loss_speedup" in r:
+            print(f"fused vs plain loss kernel (minigpt's model, no Lightning): {r['fused_loss_speedup']:.2f}x")
+        own = [k for k in ("tutorial_own", "hf_own") if f"{k}_tok_s" in r]
+        if own:
+            print("peers as their own code runs them (torch.optim.Adam's default implementation; not in the ratios):")
+            _rows(r, own)
     if data:
         print(
             f"\ndata (block {data['block']}): minigpt step with synthetic batches {data['synthetic_ms_step']:.0f} ms, "
@@ -392,15 +452,34 @@ def print_table(results: dict, data: dict | None, device: torch.device) -> None:
         )
 
 
-def main() -> None:
+def _rows(r: dict, names: list[str]) -> None:
+    print(f"{'':13} {'tokens/s':>9} {'ms/step':>9} {'of bound':>9} {'MFU':>6} {'peak RSS MB':>12}")
+    for k in names:
+        mem = r[f"{k}_peak_rss_mb"]
+        print(
+            f"{k:13} {r[f'{k}_tok_s']:9.0f} {r[f'{k}_ms_step']:9.0f} {r[f'{k}_of_bound']:9.0%} "
+            f"{r[f'{k}_mfu']:6.0%} {'n/a' if mem is None else f'{mem:12.0f}'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", type=int, nargs="+", default=[30, 128])
-    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 5 at block <= 64, else 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: 2 at block <= 64, else 1)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (at least 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--kernel-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="time minigpt's step with the plain and the fused loss kernel")  # fmt: skip
+    p.add_argument("--peers-own-optimizer", action="store_true", help="add the peers with their own default Adam")
     p.add_argument("--data-steps", type=int, default=3, help="timed steps of each kind in the data check (0: skip)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (width 16, vocab 64, batch 2, block 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.rounds < 5:
+        p.error("--rounds must be at least 5")
+    if args.quick:
+        globals().update(QUICK)
+        args.blocks, args.data_steps = [8], 0
     device = torch.device(args.device)
     torch.manual_seed(0)
     import lightning.pytorch  # noqa: F401  (imported before the baseline RSS is taken, like transformers)
@@ -413,19 +492,21 @@ def main() -> None:
     if not meter.memory_ok:
         print("note: /proc/self/clear_refs is not writable here; peak memory is not measured")
     t0 = time.perf_counter()
-    results = {}
-    for block in args.blocks:
-        steps = args.steps or (5 if block <= 64 else 3)
-        warmup = args.warmup if args.warmup is not None else (2 if block <= 64 else 1)
-        results[str(block)] = bench_block(block, warmup, steps, device, meter)
+    results = {
+        str(block): bench_block(block, args.warmup, args.rounds, device, meter, kernel_rows=args.kernel_rows,
+                                peers_own_optimizer=args.peers_own_optimizer)  # fmt: skip
+        for block in args.blocks
+    }
     data = None
     if args.data_steps > 0:
         block = min(args.blocks)
         data = {"block": block, **bench_data(block, args.data_steps, device)}
     print_table(results, data, device)
     print(f"\n(baseline RSS {meter.base / 2**20:.0f} MB, wall time {time.perf_counter() - t0:.0f} s)")
+    summary = {"device": str(device), "peer_optimizer": "same", "block": results, "data": data}
     if args.json:
-        print(json.dumps({"device": str(device), "block": results, "data": data}))
+        print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 
 import copy
 import importlib.util
+import json
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,20 +208,47 @@ def test_configured_optimizer_is_fused_on_cpu_and_steps_like_plain_adam(optimize
 
 
 # -- the benchmark script ------------------------------------------------------------------------------
-def test_bench_train_runs_at_a_tiny_size(monkeypatch):
-    pytest.importorskip("transformers")
+def load_bench(monkeypatch):
+    """A fresh copy of scripts/bench_train.py as a module (its --quick sizes stay in that copy)."""
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
     spec = importlib.util.spec_from_file_location("bench_train", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    for name, value in dict(WIDTH=16, D_FF=32, VOCAB=64, BATCH=2).items():
-        monkeypatch.setattr(bench, name, value)
-    meter = bench.Meter(torch.device("cpu"))
-    r = bench.bench_block(8, warmup=1, steps=2, device=torch.device("cpu"), meter=meter)
-    for key in ("minigpt_tok_s", "tutorial_tok_s", "hf_tok_s", "vs_tutorial", "vs_hf", "bound_tok_s"):
+    return bench
+
+
+def test_bench_train_holds_its_promises_at_a_tiny_size(capsys, monkeypatch):
+    # What scripts/bench_train.py promises: every contender trains on the same (batch, block) batches with
+    # the same optimizer implementation and settings as minigpt (fused Adam where minigpt uses it), at least
+    # 5 timed rounds each, and a bound measured at the benchmark's shapes.
+    bench = load_bench(monkeypatch)
+    summary = bench.main(["--quick", "--peers-own-optimizer", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    assert summary["peer_optimizer"] == "same"
+    r = summary["block"]["8"]
+    opts = r["optimizers"]
+    reference = opts["minigpt"]
+    assert reference["class"] == "Adam" and reference["fused"] is True  # what LitMiniGPT builds on CPU
+    assert reference["lr"] == 1e-2 and reference["weight_decay"] == 0.01 and reference["scheduler"] == "StepLR"
+    for name in ("tutorial", "hf", "loss_plain", "loss_fused"):
+        assert opts[name] == reference, name
+    for name in ("tutorial_own", "hf_own"):  # the labelled second table: torch.optim.Adam's own default
+        assert opts[name]["fused"] is None and {**opts[name], "fused": True} == reference
+    assert r["batch_shape"] == [2, 8] and r["tokens_per_step"] == 16
+    assert all(n >= 5 for n in r["rounds"].values()) and len(r["rounds"]) == 7
+    assert r["of_bound"] == r["minigpt_tok_s"] / r["bound_tok_s"] > 0
+    for key in ("minigpt_tok_s", "tutorial_tok_s", "hf_tok_s", "vs_tutorial", "vs_hf", "fused_loss_speedup"):
         assert r[key] > 0, key
-    if meter.memory_ok:
-        assert r["minigpt_peak_rss_mb"] > 0 and r["hf_peak_rss_mb"] > 0
+
+
+def test_bench_train_refuses_contenders_that_differ(monkeypatch):
+    bench = load_bench(monkeypatch)
+    # A peer whose optimizer is not a clone of minigpt's (plain Adam): the benchmark must refuse to report.
+    original = bench.tutorial_contender
+    monkeypatch.setattr(bench, "tutorial_contender", lambda x, y, device, like: original(x, y, device, None))
+    with pytest.raises(RuntimeError, match="contenders differ"):
+        bench.main(["--quick", "--no-kernel-rows"])
 
 
 # -- bf16 autocast and the automatic choice -----------------------------------------------------------------
