@@ -158,7 +158,10 @@ class LitMiniGPT(pl.LightningModule):
     # -- no host synchronisation per training step -------------------------------------------------
     # A training step only queues work on the device. Reading a value on the host (`bool(t)`, `t.item()`)
     # would wait for the device every step, so the non-finite check and the token count stay on the device
-    # and are read on logging steps (every `trainer.log_every_n_steps`), which synchronise anyway.
+    # and are read on logging steps (every `trainer.log_every_n_steps`), which synchronise anyway, and
+    # before every validation and checkpoint. The fused optimizer (CPU, CUDA) skips the updates of a flagged
+    # run, so the weights stay finite; with another optimizer a non-finite step may write NaN into the
+    # weights in memory before the check, but no checkpoint is ever saved after it.
 
     def _note_non_finite(self, value: Tensor, kind: int) -> None:
         """Remember on the device the first step whose loss (kind 0) or gradient norm (1) is not finite."""

@@ -84,29 +84,32 @@ def clone_optimizer(like: torch.optim.Optimizer | None, params) -> torch.optim.O
     return type(like)(params, **{k: v for k, v in like.defaults.items() if k in OPTIMIZER_KEYS})
 
 
-def _step_lr(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.StepLR(opt, step_size=STEP_SIZE, gamma=GAMMA)
-
-
-def tutorial_contender(x, y, device, like) -> Contender:
-    block = x.size(1)
-    model = TransformerModel(VOCAB, WIDTH, HEADS, D_FF, LAYERS).to(device).train()
+def _contender(model: nn.Module, loss_fn: Callable[[], torch.Tensor], like, batch_shape, device) -> Contender:
+    """The step every contender takes: zero grads, loss (bf16 autocast on CUDA), backward, clip, Adam, StepLR."""
     opt = clone_optimizer(like, model.parameters())
-    sched = _step_lr(opt)
-    mask = nn.Transformer.generate_square_subsequent_mask(block, device=device)
-    src, tgt = x.t().contiguous(), y.t().contiguous()  # the tutorial is sequence-first
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=STEP_SIZE, gamma=GAMMA)
 
     def step() -> None:
         opt.zero_grad()
         with _autocast(device):
-            out = model(src, mask)
-        loss = F.cross_entropy(out.view(-1, VOCAB).float(), tgt.reshape(-1))
-        loss.backward()
+            loss = loss_fn()
+        loss.float().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         sched.step()
 
-    return Contender(step, opt, sched, tuple(x.shape))
+    return Contender(step, opt, sched, tuple(batch_shape))
+
+
+def tutorial_contender(x, y, device, like) -> Contender:
+    model = TransformerModel(VOCAB, WIDTH, HEADS, D_FF, LAYERS).to(device).train()
+    mask = nn.Transformer.generate_square_subsequent_mask(x.size(1), device=device)
+    src, tgt = x.t().contiguous(), y.t().contiguous()  # the tutorial is sequence-first
+
+    def loss() -> torch.Tensor:  # full logits, then cross-entropy, as the tutorial does
+        return F.cross_entropy(model(src, mask).view(-1, VOCAB).float(), tgt.reshape(-1))
+
+    return _contender(model, loss, like, x.shape, device)
 
 
 def hf_contender(x, y, device, like) -> Contender:
@@ -115,19 +118,7 @@ def hf_contender(x, y, device, like) -> Contender:
     cfg = GPT2Config(n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=max(128, x.size(1)),
                      n_inner=D_FF)  # fmt: skip
     model = GPT2LMHeadModel(cfg).to(device).train()
-    opt = clone_optimizer(like, model.parameters())
-    sched = _step_lr(opt)
-
-    def step() -> None:
-        opt.zero_grad()
-        with _autocast(device):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        sched.step()
-
-    return Contender(step, opt, sched, tuple(x.shape))
+    return _contender(model, lambda: model(input_ids=x, labels=x).loss, like, x.shape, device)
 
 
 def loss_kernel_contender(x, y, device, like, loss_kernel: str) -> Contender:
@@ -135,19 +126,7 @@ def loss_kernel_contender(x, y, device, like, loss_kernel: str) -> Contender:
     from minigpt.model import GPT
 
     model = GPT(_config(x.size(1)), loss_kernel=loss_kernel).to(device).train()
-    opt = clone_optimizer(like, model.parameters())
-    sched = _step_lr(opt)
-
-    def step() -> None:
-        opt.zero_grad()
-        with _autocast(device):
-            loss = model.loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        sched.step()
-
-    return Contender(step, opt, sched, tuple(x.shape))
+    return _contender(model, lambda: model.loss(x, y), like, x.shape, device)
 
 
 def _autocast(device: torch.device):
