@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from minigpt.generation import check_sampling, generate_text
+from minigpt.generation import SamplingConfig, check_sampling, generate_text
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,7 @@ class GenerationCallback(Callback):
                         pl_module.model,
                         tokenizer,
                         prompt,
-                        max_new_tokens=self.max_new_tokens,
-                        temperature=self.temperature,
-                        top_k=self.top_k,
-                        top_p=self.top_p,
+                        SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p),
                         generator=generator,
                     ),
                 )

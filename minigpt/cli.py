@@ -273,7 +273,7 @@ def plot(argv: list[str]) -> None:
 
 # -- minigpt generate ---------------------------------------------------------------------------------
 def generate(argv: list[str]) -> None:
-    from minigpt.generation import check_sampling, encode_prompt, stream
+    from minigpt.generation import SamplingConfig, banned_special_ids, check_sampling, encode_prompt, stream
     from minigpt.lit_module import load_model
 
     p = ArgumentParser(prog="minigpt generate", description=OWN_COMMANDS["generate"], exit_on_error=False)
@@ -317,9 +317,8 @@ def generate(argv: list[str]) -> None:
         if a.stream and not a.json:
             print(text, end="", flush=True)
         for step in stream(
-            model, batch, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-            top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop_ids=(tokenizer.eot_index,),
-            generator=generator,
+            model, batch, SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty),
+            stop_ids=(tokenizer.eot_index,), generator=generator, banned_ids=banned_special_ids(tokenizer),
         ):  # fmt: skip
             for i, tok in enumerate(step):
                 if tok is None:
@@ -504,7 +503,7 @@ def compare(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on the last line")
     a = p.parse_args(argv)
-    from minigpt.generation import check_sampling, generate_text
+    from minigpt.generation import SamplingConfig, check_sampling, generate_text
     from minigpt.hf import hf_bits_per_character, hf_generate_text, load_hf_gpt2, minigpt_bits_per_character
     from minigpt.lit_module import model_from_checkpoint
 
@@ -519,8 +518,8 @@ def compare(argv: list[str]) -> None:
     samples = []
     for prompt in a.prompt or ["the movie was"]:
         g1, g2 = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(a.seed)
-        mine = generate_text(model, tok, prompt, generator=g1, **sampling)
-        theirs = hf_generate_text(hf_model, hf_tok, prompt, generator=g2, **sampling)
+        mine = generate_text(model, tok, prompt, SamplingConfig(**sampling), generator=g1)
+        theirs = hf_generate_text(hf_model, hf_tok, prompt, SamplingConfig(**sampling), generator=g2)
         samples.append({"prompt": prompt, "minigpt": mine, "hf": theirs})
         print(f"prompt   {prompt}\nminigpt  {mine}\nhf       {theirs}\n")
     result = {"samples": samples, "sampling": sampling, "seed": a.seed}
