@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -37,7 +37,16 @@ from minigpt.bpe import BpeTokenizer
 from minigpt.config import GPTConfig
 from minigpt.data.corpus import encode_documents
 from minigpt.evaluation import score_documents
-from minigpt.generation import GenerationResult, Tokenizer, check_sampling, encode_prompt, sample_next
+from minigpt.generation import (
+    GenerationResult,
+    SamplingConfig,
+    Tokenizer,
+    banned_special_ids,
+    collect,
+    decode,
+    encode_prompt,
+    window,
+)
 from minigpt.model import GPT
 from minigpt.tokenizer import IGNORE_INDEX, Vocab
 
@@ -568,75 +577,63 @@ def _context_length(hf_model: PreTrainedModel) -> int:
     raise ValueError(f"cannot tell the context length of {type(hf_model).__name__} (no n_positions in its config)")
 
 
-@torch.inference_mode()
+class _HFStep:
+    """`minigpt.generation.StepFn` of a Hugging Face causal LM: its own cache, minigpt's loop and sampler."""
+
+    def __init__(self, hf_model: PreTrainedModel, use_cache: bool) -> None:
+        self.model, self.context, self.use_cache = hf_model, _context_length(hf_model), use_cache
+        params = inspect.signature(hf_model.forward).parameters
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40).
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.past: Any = None
+
+    def __call__(self, seq: Tensor, pad: Tensor | None, n: int) -> Tensor:
+        if self.past is not None and n <= self.context:
+            idx = seq[:, n - 1 : n]  # one new token after the cached ones
+            keep = None if pad is None else torch.arange(n, device=seq.device) >= pad[:, None]  # (B, n)
+            positions = None if pad is None else (n - 1 - pad)[:, None]
+        else:  # prefill, or slide: past the context every position moves
+            self.past = None
+            idx, pad_mask, positions = window(seq, pad, max(0, n - self.context), n)
+            keep = None if pad_mask is None else ~pad_mask
+        extra = {} if keep is None else {"attention_mask": keep.long(), "position_ids": positions}
+        past = {self.cache_kwarg: self.past}
+        out = self.model(input_ids=idx, use_cache=self.use_cache, **past, **self.last_only, **extra)
+        self.past = _returned_cache(out) if self.use_cache else None
+        return out.logits[:, -1]
+
+
 def hf_generate(
     hf_model: PreTrainedModel,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+    sampling: SamplingConfig = SamplingConfig(),
     *,
-    max_new_tokens: int = 50,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Sequence[int] | None = None,
+    stop_ids: Iterable[int] | None,
     generator: torch.Generator | None = None,
+    banned_ids: Iterable[int] = (),
     use_cache: bool = True,
-) -> GenerationResult:
-    """Continue one prompt with a Hugging Face causal LM, sampling with minigpt's `sample_next`.
+) -> list[GenerationResult]:
+    """`minigpt.generation.generate` for a Hugging Face causal LM: the same loop and the same sampler.
 
-    The settings mean exactly what they mean for `minigpt.generation.generate` (same sampler, same
-    order of penalty, temperature, top-k, top-p), and a seeded `generator` makes the draw reproducible.
-    Past the model's context the window slides and is recomputed each step, as in minigpt.
+    The settings mean exactly what they mean for minigpt (same order of penalty, temperature, top-k,
+    top-p), a seeded `generator` makes the draw reproducible, and past the model's context the window
+    slides and is recomputed each step, as in minigpt.
 
     Args:
         hf_model: e.g. a `GPT2LMHeadModel`.
-        prompt_ids: The prompt's token ids (non-empty).
-        stop_ids: Ids that end the sample (not included in the result); None or () never stops early.
         use_cache: Reuse the model's key/value cache between steps (False recomputes the window).
         The other arguments are those of `minigpt.generation.generate`.
 
     Returns:
-        The new tokens and why they stopped.
+        One `GenerationResult` per prompt.
     """
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
-    seq = [int(i) for i in prompt_ids]
-    if not seq:
-        raise ValueError("prompt_ids is empty: the prompt needs at least one token.")
-    stops = set() if stop_ids is None else {int(i) for i in stop_ids}
-    context = _context_length(hf_model)
-    device = next(hf_model.parameters()).device
-    was_training = hf_model.training
-    hf_model.eval()
-    result = GenerationResult()
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40).
-    cache_kwarg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-    past = None
-    try:
-        for _ in range(max_new_tokens):
-            if past is not None and len(seq) <= context:
-                idx = torch.tensor([seq[-1:]], device=device)  # one new token after the cached ones
-            else:
-                past = None  # prefill, or slide: past the context every position moves
-                idx = torch.tensor([seq[-context:]], device=device)
-            out = hf_model(input_ids=idx, use_cache=use_cache, **{cache_kwarg: past})
-            past = _returned_cache(out) if use_cache else None
-            prev = torch.tensor([seq], device=device) if repetition_penalty != 1.0 else None
-            token = int(
-                sample_next(
-                    out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, prev_ids=prev, generator=generator,
-                )[0]
-            )  # fmt: skip
-            if token in stops:
-                result.stop_reason = "eos"
-                break
-            result.tokens.append(token)
-            seq.append(token)
-    finally:
-        hf_model.train(was_training)
-    return result
+    steps = decode(
+        hf_model, lambda _: _HFStep(hf_model, use_cache), prompt_ids, sampling,
+        vocab_size=hf_model.get_output_embeddings().weight.size(0), stop_ids=stop_ids, generator=generator,
+        banned_ids=banned_ids,
+    )  # fmt: skip
+    return collect(steps, stop_ids)
 
 
 def _returned_cache(out: Any) -> Any:
@@ -648,24 +645,21 @@ def hf_generate_text(
     hf_model: PreTrainedModel,
     tokenizer: Tokenizer,
     prompt: str,
+    sampling: SamplingConfig = SamplingConfig(),
     *,
-    max_new_tokens: int = 50,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
     generator: torch.Generator | None = None,
+    allow_unk: bool = False,
     use_cache: bool = True,
 ) -> str:
-    """`minigpt.generation.generate_text` for a Hugging Face causal LM: same prompt checks, same sampler.
+    """`minigpt.generation.generate_text` for a Hugging Face causal LM: same prompt checks, same sampler,
+    same banned ids (never `<pad>`, `<unk>` only with `allow_unk`).
 
     Stops at the tokenizer's end-of-text token or after `max_new_tokens`; returns the continuation only.
     """
     ids = encode_prompt(tokenizer, prompt, block_size=_context_length(hf_model))
-    result = hf_generate(
-        hf_model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, stop_ids=(tokenizer.eot_index,), generator=generator,
-        use_cache=use_cache,
+    (result,) = hf_generate(
+        hf_model, ids, sampling, stop_ids=(tokenizer.eot_index,), generator=generator,
+        banned_ids=banned_special_ids(tokenizer, allow_unk=allow_unk), use_cache=use_cache,
     )  # fmt: skip
     return tokenizer.decode(result.tokens)
 

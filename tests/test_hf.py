@@ -23,7 +23,7 @@ from minigpt.bpe import BpeTokenizer  # noqa: E402
 from minigpt.config import GPTConfig  # noqa: E402
 from minigpt.data.samples import flatten  # noqa: E402
 from minigpt.evaluation import evaluate_ids  # noqa: E402
-from minigpt.generation import generate, generate_text  # noqa: E402
+from minigpt.generation import SamplingConfig, generate, generate_text  # noqa: E402
 from minigpt.hf import (  # noqa: E402
     check_gpt2_exportable,
     convert_from_hf,
@@ -31,6 +31,7 @@ from minigpt.hf import (  # noqa: E402
     gpt2_config_to_minigpt,
     gpt2_to_minigpt,
     hf_bits_per_character,
+    hf_generate,
     hf_generate_text,
     load_hf_gpt2,
     minigpt_bits_per_character,
@@ -307,7 +308,7 @@ def test_greedy_generation_matches_hf_generate(hf_pair, use_cache):
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         generation_config=GenerationConfig(do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=0),
     )[0, len(prompt) :].tolist()
-    (result,) = generate(model, prompt, max_new_tokens=n_new, temperature=0, stop_ids=None, use_cache=use_cache)
+    (result,) = generate(model, prompt, SamplingConfig.greedy(n_new), stop_ids=None, use_cache=use_cache)
     assert len(expected) == n_new and len(set(expected)) > 5  # a real sequence, not one repeated token
     assert result.tokens == expected
 
@@ -317,18 +318,29 @@ def test_hf_generate_text_uses_minigpt_sampling(hf_pair):
     model = gpt2_to_minigpt(hf_model)
     # Greedy: the same text as minigpt's converted model, also past the context (the window slides).
     for n in (10, 80):
-        assert hf_generate_text(hf_model, tok, "It's not", max_new_tokens=n, temperature=0) == generate_text(
-            model, tok, "It's not", max_new_tokens=n, temperature=0
-        )
-    assert hf_generate_text(hf_model, tok, "It's not", max_new_tokens=20, temperature=0, use_cache=False) == (
-        hf_generate_text(hf_model, tok, "It's not", max_new_tokens=20, temperature=0)
+        greedy = SamplingConfig.greedy(n)
+        assert hf_generate_text(hf_model, tok, "It's not", greedy) == generate_text(model, tok, "It's not", greedy)
+    greedy = SamplingConfig.greedy(20)
+    assert hf_generate_text(hf_model, tok, "It's not", greedy, use_cache=False) == (
+        hf_generate_text(hf_model, tok, "It's not", greedy)
     )
-    settings = dict(max_new_tokens=20, temperature=0.7, top_k=50, top_p=0.95)
-    a = hf_generate_text(hf_model, tok, "The movie", generator=torch.Generator().manual_seed(1), **settings)
-    b = hf_generate_text(hf_model, tok, "The movie", generator=torch.Generator().manual_seed(1), **settings)
-    assert a == b
-    with pytest.raises(ValueError, match="top_p"):
-        hf_generate_text(hf_model, tok, "The movie", top_p=1.5)
+    settings = SamplingConfig(max_new_tokens=20, temperature=0.7, top_k=50, top_p=0.95)
+    a = hf_generate_text(hf_model, tok, "The movie", settings, generator=torch.Generator().manual_seed(1))
+    b = hf_generate_text(hf_model, tok, "The movie", settings, generator=torch.Generator().manual_seed(1))
+    c = generate_text(model, tok, "The movie", settings, generator=torch.Generator().manual_seed(1))
+    assert a == b == c  # the same loop and sampler: the same draws
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_hf_generate_batches_left_padded_prompts_like_minigpt(hf_pair, use_cache):
+    hf_model, tok = hf_pair
+    model = gpt2_to_minigpt(hf_model)
+    prompts = [tok.encode("The movie was great"), tok.encode("It"), tok.encode("A terrible film. Don't")]
+    greedy = SamplingConfig.greedy(70)  # the longest prompt slides past the 64-token context
+    batched = [r.tokens for r in hf_generate(hf_model, prompts, greedy, stop_ids=None, use_cache=use_cache)]
+    alone = [hf_generate(hf_model, p, greedy, stop_ids=None)[0].tokens for p in prompts]
+    assert batched == alone == [r.tokens for r in generate(model, prompts, greedy, stop_ids=None)]
+    assert len({tuple(t) for t in alone}) == 3
 
 
 # -- bits per character -----------------------------------------------------------------------------
