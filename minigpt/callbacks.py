@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, Timer, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from minigpt.checkpointing import RunCheckpoint, last_checkpoint_path
@@ -216,8 +216,9 @@ class ProgressLog(Callback):
         done = step - self._start_step
         total = _planned_steps(trainer)
         eta = (total - step) * elapsed / done if total and done else None
-        if trainer.max_time is not None:
-            left = trainer.max_time.total_seconds() - elapsed
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # --trainer.max_time
+        left = timer.time_remaining("train") if timer is not None else None
+        if left is not None:
             eta = left if eta is None else min(eta, left)
         parts = [
             f"step {step}" + (f"/{total}" if total else ""),

@@ -47,18 +47,21 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         with warnings.catch_warnings():
-            if trainer.ckpt_path:  # resuming: the folder holds this run's own checkpoints
+            if self.dirpath is None:
+                # The folder is the run's own version_N/checkpoints: a new run's is empty, so one with
+                # files is this run's, resumed (the user gave no folder of their own to protect).
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.dirpath is None:
             return super().load_state_dict(state_dict)
-        here = Path(self.dirpath)
 
         def adopt(path: str | None) -> str:
-            # A file of the stored run that lives in this folder under the same name.
-            return str(here / Path(path).name) if path and (here / Path(path).name).is_file() else ""
+            # A file of the stored run that lives in this folder under the same name, spelled as
+            # ModelCheckpoint spells its own paths (it compares them as strings).
+            here = os.path.join(self.dirpath, Path(path).name) if path else ""
+            return here if here and os.path.isfile(here) else ""
 
         state = dict(state_dict, dirpath=self.dirpath)
         state["best_k_models"] = {

@@ -105,9 +105,30 @@ def run_command(name: str, argv: list[str]) -> None:
         prog=f"minigpt {name}", description=COMMANDS[name], exit_on_error=False, allow_abbrev=False
     )  # fmt: skip
     skip = module.add_arguments(parser, argv) if hasattr(module, "add_arguments") else set()
+    skip |= _add_flags(parser, function)
     parser.add_function_arguments(function, skip=skip, as_group=False)
     cfg = parser.parse_args(argv)
     function(**cfg.as_dict())
+
+
+def _add_flags(parser, function) -> set[str]:
+    """Boolean parameters as flags (``--json``, ``--no_json``), lists of strings as repeatable options."""
+    import inspect
+
+    import docstring_parser
+    from jsonargparse import ActionYesNo
+
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__ or "").params}
+    added = set()
+    for name, param in inspect.signature(function).parameters.items():
+        if param.annotation in (bool, "bool"):
+            parser.add_argument(f"--{name}", action=ActionYesNo, default=param.default, help=docs.get(name))
+        elif param.annotation in (list[str] | None, "list[str] | None"):
+            parser.add_argument(f"--{name}", action="append", default=param.default, help=docs.get(name))
+        else:
+            continue
+        added.add(name)
+    return added
 
 
 def main(argv: list[str] | None = None) -> None:

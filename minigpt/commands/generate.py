@@ -43,7 +43,7 @@ def generate(
     Args:
         ckpt_path: a minigpt checkpoint.
         prompt: text to continue (repeat the option for several).
-        prompt_file: a UTF-8 file with one prompt per line; ``-`` reads them from stdin.
+        prompt_file: a UTF-8 file with one prompt per line; - reads them from stdin.
         max_new_tokens: most tokens to generate per sample.
         temperature: 0 = greedy (the most likely token); higher = more random.
         top_k: keep the k most likely tokens (null = all).
@@ -51,7 +51,7 @@ def generate(
         repetition_penalty: > 1 discourages tokens already in the text (1 = off).
         seed: same seed, same text.
         num_samples: samples per prompt.
-        allow_unk: let samples contain ``<unk>`` (``<pad>`` is never generated).
+        allow_unk: let samples contain <unk> (<pad> is never generated).
         stream: print tokens as they are chosen.
         raw: print tokens separated by spaces, untidied.
         json: print one JSON object (all prompts and samples) on stdout.
