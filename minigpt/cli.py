@@ -72,8 +72,20 @@ def _is_user_error(err: BaseException) -> bool:
     return isinstance(err, tuple(kinds))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current sys.stderr (which tests and notebooks replace), not the one at start-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("minigpt")
     if not logger.handlers:

@@ -195,9 +195,10 @@ class _NoTips(logging.Filter):
 
 
 def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_NoTips())
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)  # where Lightning's rank_zero_info records are made
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
     # Deprecation notices that dependencies raise about each other: nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
@@ -213,7 +214,16 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
     terminal = sys.stdout.isatty()
     callbacks = [LearningRateLog(), GracefulStop()]
     callbacks.append(ProgressBar() if terminal else ProgressLog())
-    cli = MiniGPTCLI(
+    try:
+        cli = _build_and_run(command, argv, terminal, callbacks)
+    except FloatingPointError as err:  # the run diverged (non-finite loss or gradient): a message, not a bug
+        raise UserError(str(err)) from err
+    if command == "fit":
+        _print_next_steps(cli.trainer, next(c for c in callbacks if isinstance(c, GracefulStop)))
+
+
+def _build_and_run(command: str, argv: list[str], terminal: bool, callbacks: list) -> MiniGPTCLI:
+    return MiniGPTCLI(
         LitMiniGPT,
         IMDBDataModule,
         args=[command, *argv],
@@ -235,8 +245,6 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
             "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
         },
     )
-    if command == "fit":
-        _print_next_steps(cli.trainer, next(c for c in callbacks if isinstance(c, GracefulStop)))
 
 
 def _print_next_steps(trainer: Trainer, stop: GracefulStop) -> None:
