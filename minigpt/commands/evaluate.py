@@ -123,7 +123,9 @@ def _split_documents(ckpt: dict, tokenizer, split: str | None, archive: str | No
         hint = f"; for test {_ARCHIVE_HINT}" if split == "test" else ""
         raise UserError(f"the {corpus.source} data has no {split!r} split (it has {', '.join(corpus.splits)}){hint}")
     if corpus.vocab.itos != tokenizer.itos:
-        raise UserError("the checkpoint's vocabulary differs from this data's; evaluate with the data it was trained on")
+        raise UserError(
+            "the checkpoint's vocabulary differs from this data's; evaluate with the data it was trained on"
+        )
     s = corpus.splits[split]
     ids, offsets, chars = np.asarray(s["ids"]), np.asarray(s["offsets"]), np.asarray(s["chars"])
     if max_docs is not None and max_docs < corpus.documents(split):
