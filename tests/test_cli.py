@@ -474,3 +474,17 @@ def test_checkpoint_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode) == 0o644
+
+
+def test_a_terminal_keeps_its_progress_bar(corpus, run_here, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus),
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])  # fmt: skip
+    shown = screen.getvalue()
+    assert "version" in shown and "v_num" not in shown  # the bar, naming the run's version
+    assert not [line for line in shown.splitlines() if line.startswith("step ")]  # no plain progress lines
