@@ -389,6 +389,7 @@ def evaluate(argv: list[str]) -> None:
         ids, offsets, chars, what = _split_documents(ckpt, tokenizer, a.split, a.archive, a.max_docs)
     result = evaluate_ids(
         model, ids, offsets, chars, unk_index=tokenizer.unk_index, eot_index=tokenizer.eot_index, stride=a.stride,
+        pad_index=tokenizer.pad_index,
         batch_size=a.batch_size,
         device=device,
     )  # fmt: skip
@@ -477,7 +478,7 @@ def convert(argv: list[str]) -> None:
     p.add_argument("--to_hf", default=None, help="with --ckpt_path: the folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     a = p.parse_args(argv)
-    from minigpt.hf import convert_from_hf, convert_to_hf  # transformers: imported only here
+    from minigpt.convert import convert_from_hf, convert_to_hf  # transformers: imported only here
 
     if a.from_hf and a.out and not (a.ckpt_path or a.to_hf):
         print(convert_from_hf(a.from_hf, a.out, overwrite=a.overwrite))
