@@ -141,18 +141,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def evaluate_ids(
-    model: GPT,
-    ids: np.ndarray,
-    offsets: np.ndarray,
-    characters: int,
-    *,
-    unk_index: int,
-    eot_index: int,
-    pad_index: int,
-    stride: int | None = None,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-) -> EvalResult:
+    model: GPT, ids: np.ndarray, offsets: np.ndarray, characters: int, *, unk_index: int, eot_index: int,
+    pad_index: int, stride: int | None = None, batch_size: int = 32, device: torch.device | str = "cpu",
+) -> EvalResult:  # fmt: skip
     """``score_documents`` with a minigpt model, on its own context length (eval mode, restored after).
 
     The special ids are the tokenizer's (``tokenizer.unk_index``, ``eot_index``, ``pad_index``).

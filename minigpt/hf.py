@@ -159,14 +159,9 @@ def hf_bits_per_character(
 
 @torch.inference_mode()
 def minigpt_bits_per_character(
-    model: GPT,
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    block_size: int | None = None,
-    stride: int | None = None,
-    *,
-    batch_size: int = 32,
-) -> dict:
+    model: GPT, tokenizer: Tokenizer, texts: Sequence[str], block_size: int | None = None, stride: int | None = None,
+    *, batch_size: int = 32,
+) -> dict:  # fmt: skip
     """`hf_bits_per_character` for a minigpt model: the same windows, taking every special id from
     `tokenizer` (so BPE checkpoints score right too). With a word `Vocab` it equals
     `minigpt.evaluation.evaluate_ids` on the same texts.
@@ -226,15 +221,10 @@ class _HFStep:
 
 
 def hf_generate(
-    hf_model: PreTrainedModel,
-    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
-    sampling: SamplingConfig = SamplingConfig(),
-    *,
-    stop_ids: Iterable[int] | None,
-    generator: torch.Generator | None = None,
-    banned_ids: Iterable[int] = (),
-    use_cache: bool = True,
-) -> list[GenerationResult]:
+    hf_model: PreTrainedModel, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+    sampling: SamplingConfig = SamplingConfig(), *, stop_ids: Iterable[int] | None,
+    generator: torch.Generator | None = None, banned_ids: Iterable[int] = (), use_cache: bool = True,
+) -> list[GenerationResult]:  # fmt: skip
     """`minigpt.generation.generate` for a Hugging Face causal LM: the same loop and the same sampler.
 
     The settings mean exactly what they mean for minigpt (same order of penalty, temperature, top-k,
@@ -263,15 +253,9 @@ def _returned_cache(out: Any) -> Any:
 
 
 def hf_generate_text(
-    hf_model: PreTrainedModel,
-    tokenizer: Tokenizer,
-    prompt: str,
-    sampling: SamplingConfig = SamplingConfig(),
-    *,
-    generator: torch.Generator | None = None,
-    allow_unk: bool = False,
-    use_cache: bool = True,
-) -> str:
+    hf_model: PreTrainedModel, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig = SamplingConfig(), *,
+    generator: torch.Generator | None = None, allow_unk: bool = False, use_cache: bool = True,
+) -> str:  # fmt: skip
     """`minigpt.generation.generate_text` for a Hugging Face causal LM: same prompt checks, same sampler,
     same banned ids (never `<pad>`, `<unk>` only with `allow_unk`).
 
