@@ -22,6 +22,7 @@ References: litgpt loads `lit_model.pth` with plain torch (`litgpt/utils.py` `lo
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import io
 import os
 import secrets
@@ -157,6 +158,8 @@ def new_checkpoint(model: GPT, tokenizer, **hyper_parameters: Any) -> dict:
         "minigpt": minigpt_section(tokenizer),
         "global_step": 0,
         "epoch": 0,
+        # `LitMiniGPT.load_from_checkpoint` migrates by this key; the version is read without importing Lightning.
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),
     }
 
 

@@ -1,28 +1,21 @@
 """Text generation with a `GPT`: prompt encoding, one-step sampling, the decoding loop and streaming.
 
 Free functions over the pure model (no Lightning), split as litgpt `litgpt/generate/base.py` does:
+`SamplingConfig` (validated once by `check_sampling`), `encode_prompt`, `sample_next` (one step:
+greedy, temperature, top-k, top-p, repetition penalty), and the loop: `stream` yields each step's
+tokens, `generate` collects them, `generate_text` goes from text to text. Special ids come from the
+tokenizer or the caller, never from constants: `stop_ids` is required, `banned_ids` are never sampled
+(`generate_text` bans `<pad>` always and `<unk>` unless asked).
 
-- `SamplingConfig` holds how each token is chosen, validated once by `check_sampling`;
-- `encode_prompt` turns text into ids (empty prompts are errors, long ones keep their last tokens);
-- `sample_next` picks one token per row from (B, V) scores: greedy, temperature, top-k, top-p and
-  repetition penalty;
-- `stream` is the loop and yields the tokens of each step as soon as they are chosen; `generate`
-  collects them and `generate_text` goes from text to text.
+The loop (`decode`) only sees a `StepFn`, "the next scores of every row", so Hugging Face models run
+through it too (`minigpt.hf`). A `GPT` step crops the context to the last `block_size` tokens, like
+nanoGPT's `GPT.generate` and the PyTorch tutorial, and sends only the last position through the head.
+With `use_cache=True` a new token costs one position through the `KVCache`; past `block_size` every
+absolute position in the window shifts, so the cache is refilled from the cropped window at each such
+step (equal to the recompute loop, `use_cache=False`, which stays as the reference).
 
-The loop itself (`decode`) only sees a `StepFn`, "the next scores of every row", so a Hugging Face
-model runs through the same loop (`minigpt.hf`). For a `GPT` the step crops the context to the last
-`block_size` tokens, like nanoGPT's `GPT.generate` and the PyTorch tutorial, and sends only the last
-position through the head. With `use_cache=True` each new token costs one position through the
-model's `KVCache`; once the sequence outgrows `block_size` every absolute position in the window
-shifts, so the cache is refilled from the cropped window at each such step (the result equals the
-tutorial's recompute loop, `use_cache=False`, which stays as the reference).
-
-Special ids come from the tokenizer (or the caller), never from constants: `stop_ids` is required,
-and `banned_ids` are never sampled (`generate_text` bans `<pad>` always and `<unk>` unless asked).
-
-References: karpathy/nanoGPT `model.py` (`GPT.generate`) and `sample.py`; Lightning-AI/litgpt
-`litgpt/generate/base.py` (`sample`, `generate`); Hugging Face transformers' logits processors
-(`RepetitionPenaltyLogitsProcessor`, `TopPLogitsWarper`).
+References: karpathy/nanoGPT `model.py` (`GPT.generate`); Lightning-AI/litgpt `litgpt/generate/base.py`;
+Hugging Face transformers' `RepetitionPenaltyLogitsProcessor` and `TopPLogitsWarper`.
 """
 
 from __future__ import annotations
@@ -43,8 +36,6 @@ from minigpt.model import GPT
 
 _MAX_UNK_SHOWN = 10  # unknown prompt words listed by name in the warning; the rest are counted
 
-StopReason = Literal["eos", "length"]
-
 
 class Tokenizer(Protocol):
     """What generation needs from a tokenizer (minigpt's word `Vocab` and `BpeTokenizer` have it)."""
@@ -54,24 +45,18 @@ class Tokenizer(Protocol):
     eot_index: int
 
     def tokenize(self, text: str) -> list[str]: ...
-
     def encode(self, text: str) -> list[int]: ...
-
     def decode(self, ids: Iterable[int], *, tidy: bool = False) -> str: ...
 
 
 @dataclass
 class GenerationResult:
-    """What one prompt produced.
-
-    Attributes:
-        tokens: The new token ids, without the prompt and without the stop token.
-        stop_reason: "eos" when a stop id was chosen (it is not in `tokens`), "length" when
-            `max_new_tokens` tokens were generated.
-    """
+    """What one prompt produced."""
 
     tokens: list[int] = field(default_factory=list)
-    stop_reason: StopReason = "length"
+    """The new token ids, without the prompt and without the stop token."""
+    stop_reason: Literal["eos", "length"] = "length"
+    """"eos" when a stop id was chosen (it is not in `tokens`), "length" after `max_new_tokens` tokens."""
 
 
 @dataclass(frozen=True)
@@ -95,44 +80,29 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}.")
-        check_sampling(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-        )  # fmt: skip
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       repetition_penalty=self.repetition_penalty)  # fmt: skip
 
     @classmethod
     def greedy(cls, max_new_tokens: int = 50) -> SamplingConfig:
         """Always the most likely token."""
         return cls(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, top_p=None)
 
-    @property
-    def is_greedy(self) -> bool:
-        """Whether each step is a plain argmax of the model's scores (no penalty to apply first)."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0
-
 
 # -- prompts -----------------------------------------------------------------------------------------
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | None, *, block_size: int) -> list[int]:
-    """Encode a text prompt for generation.
+    """The prompt's token ids (1 to `block_size` of them) for generation.
 
-    Args:
-        tokenizer: Anything with `tokenize`, `encode` and `unk_index` (see `Tokenizer`).
-        prompt: The text to continue.
-        block_size: The model's context length; a longer prompt keeps its last `block_size` tokens
-            (the tutorial's behaviour) and a warning says so.
-
-    Returns:
-        The prompt's token ids (1 to `block_size` of them).
+    A prompt longer than `block_size` keeps its last `block_size` tokens (the tutorial's behaviour) and a
+    warning says so; another names the words that became `<unk>`.
 
     Raises:
         UserError: The prompt is None, empty, only white space, or has no token at all.
     """
     if prompt is None or not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(
-            f"The prompt is empty ({prompt!r}): give some text to continue, e.g. --prompt 'the movie was'."
-        )
+        raise UserError(f"The prompt is empty ({prompt!r}): give some text to continue, e.g. --prompt 'the movie was'.")
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise UserError(
@@ -179,16 +149,11 @@ def banned_special_ids(tokenizer: Tokenizer, *, allow_unk: bool = False) -> tupl
 
 
 def check_sampling(
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0
 ) -> None:
-    """Reject sampling settings outside their range (the one check, run by `SamplingConfig`).
+    """Reject sampling settings outside their range with a `UserError` naming the value and the range.
 
-    Raises:
-        UserError: naming the value and the allowed range.
+    The one check, run by `SamplingConfig` (callers validate settings by building one).
     """
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise UserError(
@@ -199,10 +164,7 @@ def check_sampling(
     if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
         raise UserError(f"top_p must be a number in (0, 1] (or None to keep every token), got {top_p!r}.")
     if not _is_real(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
-        raise UserError(
-            f"repetition_penalty must be a finite number > 0 (1 = no penalty, > 1 discourages repeats), "
-            f"got {repetition_penalty!r}."
-        )
+        raise UserError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}.")
 
 
 def _is_int(value: object) -> bool:
@@ -220,19 +182,11 @@ def sample_next(
     prev_ids: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Choose the next token of each row.
+    """Choose the next token of each row: (B, V) scores (logits or log-probabilities) -> (B,) int64 ids.
 
     Args:
-        logits: (B, V) scores of the next token (logits or log-probabilities).
-        sampling: How to choose (penalty, temperature, top-k, top-p, in Hugging Face's order).
         prev_ids: (B, L) ids already in each row (prompt and generated), for the repetition penalty.
         generator: Makes the draw reproducible; it must live on the logits' device.
-
-    Returns:
-        (B,) int64 token ids.
-
-    Raises:
-        ValueError: `logits` is not 2-D.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be a (batch, vocab_size) tensor, got shape {tuple(logits.shape)}.")
@@ -240,8 +194,8 @@ def sample_next(
 
 
 def _sample(logits: Tensor, s: SamplingConfig, prev_ids: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    if s.is_greedy:
-        return logits.argmax(dim=-1)  # the common case first: no float copy, no softmax
+    if s.temperature == 0 and s.repetition_penalty == 1.0:
+        return logits.argmax(dim=-1)  # greedy first: no float copy, no softmax
     logits = logits.float()
     if s.repetition_penalty != 1.0 and prev_ids is not None and prev_ids.numel():
         seen = logits.gather(1, prev_ids)  # (B, L)
@@ -268,11 +222,8 @@ def _sample(logits: Tensor, s: SamplingConfig, prev_ids: Tensor | None, generato
 # -- the loop ----------------------------------------------------------------------------------------
 
 StepFn = Callable[[Tensor, "Tensor | None", int], Tensor]
-"""One model's side of the loop: `step(seq, pad, n) -> (B, V)` scores of the token after column n-1.
-
-`seq` is (B, L) left-padded rows whose columns [0, n) are filled (n grows by one per call); `pad` is
-(B,) the pad columns of each row, or None when no row is padded. See `window` for what a row reads.
-"""
+"""One model's side of the loop: `step(seq, pad, n) -> (B, V)` scores of the token after column n-1, for
+(B, L) left-padded rows `seq` filled up to column n and `pad` (B,) pad columns per row or None (`window`)."""
 
 
 def stream(
@@ -293,56 +244,38 @@ def stream(
 
     Args:
         model: The language model; it runs in eval mode (its mode is restored afterwards).
-        prompt_ids: One prompt (a list of ids) or a batch of prompts (a list of lists), each non-empty.
-            A prompt longer than `block_size` is read through its last `block_size` tokens.
-        sampling: How to choose each token, and how many to generate (`max_new_tokens`).
+        prompt_ids: One prompt (a list of ids) or a batch of prompts (a list of lists), each non-empty;
+            a prompt longer than `block_size` is read through its last `block_size` tokens.
+        sampling: How to choose each token, and how many (`max_new_tokens`).
         stop_ids: Ids that end a sample, e.g. `(tokenizer.eot_index,)`; None or () to always run
             `max_new_tokens` steps.
         generator: Makes sampling reproducible (on the model's device).
         banned_ids: Ids never chosen (their scores become -inf before sampling), e.g. `<pad>`.
-        use_cache: Use the KV cache; False recomputes the whole window every step (the tutorial's
-            loop, the reference the cache must match).
-        head: How the last position goes through a linear head: "plain" (the model's `head_logits`),
-            "packed" (`minigpt.kernels.PackedHead`) or "auto" (packed only where it measured faster).
+        use_cache: Use the KV cache; False recomputes the window every step (the reference).
+        head: "plain" (`model.head_logits`), "packed" or "auto" (see `minigpt.kernels.decode_head`).
 
     Yields:
-        Per step, a list with one entry per prompt: the id it chose, or None once it has stopped. A
-        stop id is yielded at the step it is chosen (so callers see why a sample ended) and nothing
-        but None follows it. The iteration ends when every prompt has stopped or after
-        `max_new_tokens` steps.
+        Per step, one entry per prompt: the id it chose, or None once it has stopped. A stop id is
+        yielded at the step it is chosen, then only None. The iteration ends when every prompt has
+        stopped or after `max_new_tokens` steps.
 
     Raises:
         UserError: empty or out-of-vocabulary prompts or banned ids.
     """
-    def make_step(batch_size: int) -> StepFn:
-        return _GPTStep(model, batch_size, use_cache, head)
-
     return decode(
-        model, make_step, prompt_ids, sampling, vocab_size=model.config.vocab_size, stop_ids=stop_ids,
-        generator=generator, banned_ids=banned_ids,
+        model, lambda batch_size: _GPTStep(model, batch_size, use_cache, head), prompt_ids, sampling,
+        vocab_size=model.config.vocab_size, stop_ids=stop_ids, generator=generator, banned_ids=banned_ids,
     )  # fmt: skip
 
 
 def generate(
-    model: GPT,
-    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
-    sampling: SamplingConfig = SamplingConfig(),
-    *,
-    stop_ids: Iterable[int] | None,
-    generator: torch.Generator | None = None,
-    banned_ids: Iterable[int] = (),
-    use_cache: bool = True,
-    head: HeadChoice = "auto",
-) -> list[GenerationResult]:
-    """Generate a continuation of each prompt; the arguments are those of `stream`.
-
-    Returns:
-        One `GenerationResult` per prompt (a list of one for a single prompt).
-    """
-    steps = stream(
-        model, prompt_ids, sampling, stop_ids=stop_ids, generator=generator, banned_ids=banned_ids,
-        use_cache=use_cache, head=head,
-    )  # fmt: skip
+    model: GPT, prompt_ids: Sequence[int] | Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
+    stop_ids: Iterable[int] | None, generator: torch.Generator | None = None, banned_ids: Iterable[int] = (),
+    use_cache: bool = True, head: HeadChoice = "auto",
+) -> list[GenerationResult]:  # fmt: skip
+    """One `GenerationResult` per prompt (a list of one for a single prompt); the arguments are those of `stream`."""
+    steps = stream(model, prompt_ids, sampling, stop_ids=stop_ids, generator=generator, banned_ids=banned_ids,
+                   use_cache=use_cache, head=head)  # fmt: skip
     return collect(steps, stop_ids)
 
 
@@ -356,19 +289,13 @@ def generate_text(
     allow_unk: bool = False,
     raw: bool = False,
 ) -> str:
-    """Continue a text prompt; stops at the tokenizer's end-of-text token or after `max_new_tokens`.
+    """The continuation (without the prompt) of a text prompt, up to the tokenizer's end of text.
 
     Args:
-        model: The language model.
-        tokenizer: The vocabulary the model was trained with (its ids say what stops and what is banned).
-        prompt: Text to continue (see `encode_prompt` for the checks).
-        sampling: How to choose each token.
-        generator: Makes sampling reproducible.
+        tokenizer: The model's tokenizer: its ids say what stops a sample and what is never sampled.
         allow_unk: Let the sample contain `<unk>` (`<pad>` is never sampled).
         raw: Return the tokens joined by single spaces instead of tidied text ("it's" vs "it ' s").
-
-    Returns:
-        The continuation only (not the prompt).
+        The other arguments are those of `stream`.
     """
     ids = encode_prompt(tokenizer, prompt, block_size=model.config.block_size)
     (result,) = generate(
@@ -380,19 +307,16 @@ def generate_text(
 
 def collect(steps: Iterable[list[int | None]], stop_ids: Iterable[int] | None) -> list[GenerationResult]:
     """Gather the steps of `stream` (or `decode`) into one `GenerationResult` per prompt."""
-    stops = set() if stop_ids is None else {int(i) for i in stop_ids}
-    results: list[GenerationResult] | None = None
+    stops = {int(i) for i in stop_ids or ()}
+    results: list[GenerationResult] = []
     for step in steps:
-        if results is None:
-            results = [GenerationResult() for _ in step]
+        results = results or [GenerationResult() for _ in step]
         for result, token in zip(results, step):
-            if token is None:
-                continue
             if token in stops:
                 result.stop_reason = "eos"
-            else:
+            elif token is not None:
                 result.tokens.append(token)
-    assert results is not None  # max_new_tokens >= 1, so there was at least one step
+    assert results  # max_new_tokens >= 1, so there was at least one step
     return results
 
 
@@ -409,9 +333,8 @@ def decode(
 ) -> Iterator[list[int | None]]:
     """The decoding loop for any model behind `make_step(batch_size) -> StepFn` (see `stream`).
 
-    The inputs are checked here, at the call; the steps run lazily, as the caller iterates.
-    """
-    if not isinstance(sampling, SamplingConfig):
+    The inputs are checked at the call; the steps run lazily, as the caller iterates."""
+    if not isinstance(sampling, SamplingConfig):  # e.g. an old call passing max_new_tokens positionally
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}.")
     prompts = _as_batch(prompt_ids, vocab_size)
     stops = [] if stop_ids is None else [int(i) for i in stop_ids]
@@ -425,10 +348,7 @@ def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]], vocab_size: i
     if isinstance(prompt_ids, Tensor):
         prompt_ids = prompt_ids.tolist()
     if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or not prompt_ids:
-        raise UserError(
-            "prompt_ids must be a non-empty list of token ids, or a list of such lists for a batch; "
-            f"got {prompt_ids!r}."
-        )
+        raise UserError(f"prompt_ids must be a non-empty list of token ids (or of such lists), got {prompt_ids!r}.")
     single = all(_is_int(i) for i in prompt_ids)
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]  # type: ignore[arg-type]
     for n, prompt in enumerate(prompts):
@@ -453,25 +373,7 @@ def _decode(
     """The loop behind `decode`, with the model in eval mode until it ends (or is closed)."""
     was_training = module.training
     module.eval()
-    try:
-        yield from _decode_steps(make_step, prompts, sampling, stop_ids, banned_ids, generator, _device(module))
-    finally:
-        module.train(was_training)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _decode_steps(
-    make_step: Callable[[int], StepFn],
-    prompts: list[list[int]],
-    sampling: SamplingConfig,
-    stop_ids: list[int],
-    banned_ids: list[int],
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> Iterator[list[int | None]]:
+    device = next(module.parameters()).device
     B, longest = len(prompts), max(len(p) for p in prompts)
     # Every row, left-padded: columns [0, n) are filled, n grows by one per step. Pad slots hold the
     # row's first token rather than <pad>: the model never sees them (masked), and the repetition
@@ -484,33 +386,32 @@ def _decode_steps(
     pads = [longest - len(p) for p in prompts]
     pad = torch.tensor(pads, device=device) if any(pads) else None  # (B,) pad columns per row
     banned = torch.tensor(banned_ids, dtype=torch.long, device=device) if banned_ids else None
-    penalty = sampling.repetition_penalty != 1.0
-    stops = set(stop_ids)
-    done = [False] * B
-    step = make_step(B)
-    for n in range(longest, longest + sampling.max_new_tokens):
-        logits = step(seq, pad, n)  # (B, V)
-        if banned is not None:
-            logits = logits.index_fill(1, banned, -math.inf)
-        next_ids = _sample(logits, sampling, seq[:, :n] if penalty else None, generator)  # (B,)
-        seq[:, n] = next_ids
-        chosen = next_ids.tolist()  # the step's one transfer to the host
-        yield [None if was_done else token for token, was_done in zip(chosen, done)]
-        if stops:
-            done = [was_done or token in stops for token, was_done in zip(chosen, done)]
-            if all(done):
-                return
+    stops, done = set(stop_ids), [False] * B
+    try:
+        step = make_step(B)
+        for n in range(longest, longest + sampling.max_new_tokens):
+            logits = step(seq, pad, n)  # (B, V), a fresh tensor: changed in place
+            if banned is not None:
+                logits.index_fill_(1, banned, -math.inf)
+            prev = seq[:, :n] if sampling.repetition_penalty != 1.0 else None
+            next_ids = _sample(logits, sampling, prev, generator)  # (B,)
+            seq[:, n] = next_ids
+            chosen = next_ids.tolist()  # the step's one transfer to the host
+            yield [None if was_done else token for token, was_done in zip(chosen, done)]
+            if stops:
+                done = [was_done or token in stops for token, was_done in zip(chosen, done)]
+                if all(done):
+                    return
+    finally:
+        module.train(was_training)
 
 
 def window(seq: Tensor, pad: Tensor | None, start: int, n: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Columns [start, n) of the left-padded rows with their key padding mask and own positions.
+    """Columns [start, n): (B, W) ids, (B, W) key padding mask (True at pads) and (B, W) positions.
 
-    A row alone would read its last block_size tokens from position 0; in the shared window its tokens
-    sit after the pad columns, so column c of row i has position c - max(pad_i, start) (pads: 0).
-
-    Returns:
-        (B, W) ids, then (B, W) bool mask (True at pads) and (B, W) positions, both None when no pad
-        column is left in the window (positions 0 .. W-1 for every row).
+    A row alone would read its last tokens from position 0; in the shared window its tokens sit after
+    the pad columns, so column c of row i has position c - max(pad_i, start) (pads: 0). Mask and
+    positions are None when no pad column is left in the window (positions 0 .. W-1 for every row).
     """
     idx = seq[:, start:n]  # (B, W)
     if pad is None or start >= int(pad.max()):
@@ -536,9 +437,7 @@ class _GPTStep:
             positions = None if pad is None else (n - 1 - pad)[:, None]  # (B, 1) each row's own position
             hidden = model.hidden_states(seq[:, n - 1 : n], positions=positions, cache=cache)
         else:
-            if cache is not None:
-                # Prefill, or slide: past block_size every absolute position in the window moves, so
-                # the cached keys are stale and the cache is refilled from the cropped window.
+            if cache is not None:  # prefill, or slide: past block_size every position moves, the keys are stale
                 cache.reset()
             idx, mask, positions = window(seq, pad, start, n)
             hidden = model.hidden_states(idx, mask, positions=positions, cache=cache)

@@ -99,6 +99,11 @@ def packed_head(model: GPT) -> PackedHead:
     return packed
 
 
+def decode_head_cache_size() -> int:
+    """Packed copies plus measurements held now (a benchmark checks that its cold row starts from 0)."""
+    return len(_PACKED) + len(_WINS)
+
+
 def reset_decode_heads() -> None:
     """Forget every packed copy and measurement (benchmarks use it to time the cold first call)."""
     _PACKED.clear()

@@ -6,8 +6,10 @@ where a comparison would otherwise be trivial.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,6 +443,24 @@ def test_packed_head_copy_is_kept_until_the_weights_change():
         decode_head(adaptive, 1, "packed")
 
 
+def test_packed_head_under_bf16_autocast_stays_within_bf16_rounding():
+    model = make_model(vocab_size=33)
+    h = torch.randn(2, model.config.n_embd)
+    packed = PackedHead(model.lm_head.weight, model.lm_head.bias, 2)
+    with torch.inference_mode():
+        exact = model.head_logits(h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain, fast = model.head_logits(h), packed(h)
+    # bf16 keeps 8 bits of mantissa: each product is off by up to ~2^-8 of its size.
+    tolerance = 2**-7 * float(exact.abs().max()) + 1e-3
+    torch.testing.assert_close(fast.float(), exact, atol=tolerance, rtol=0)
+    torch.testing.assert_close(plain.float(), exact, atol=tolerance, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole loop runs under autocast too
+        tokens = greedy(model, [[5, 9, 3], [4]], 8, head="packed")
+        assert tokens == greedy(model, [[5, 9, 3], [4]], 8, head="plain")
+    assert all(len(t) == 8 for t in tokens)
+
+
 @pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2"])
 def test_generation_with_the_packed_head_equals_the_plain_head(arch):
     model = make_model(**ARCHITECTURES[arch])
@@ -481,3 +501,35 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
     text = generate_text(model, vocab, "the movie", sampling, generator=torch.Generator(), allow_unk=True, raw=True)
     assert text.split() == [unk] * 10
     assert banned_special_ids(vocab) == (vocab.pad_index, vocab.unk_index)
+
+
+# -- the benchmark script ----------------------------------------------------------------------------
+
+
+def test_bench_generate_compares_like_with_like(monkeypatch):
+    """Every contender gets the same prompt and makes the same number of tokens of the same function;
+    the cold row starts from no packed head and no head measurement."""
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, value in dict(VOCAB=64, WIDTH=16, LAYERS=1, HEADS=2, BLOCK=16, PROMPT=4).items():
+        monkeypatch.setattr(bench, name, value)
+    n = 6
+    r = bench.bench(n, repeats=1, device=torch.device("cpu"), batches=(3,))
+    for key in (
+        "minigpt_tok_s", "tutorial_loop_tok_s", "recompute_last_tok_s", "hf_generate_tok_s", "hf_loop_tok_s",
+        "bandwidth_bound_tok_s", "vs_tutorial", "vs_hf", "minigpt_batch3_tok_s", "hf_batch3_tok_s",
+    ):  # fmt: skip
+        assert r[key] > 0, key
+    assert r["vs_hf"] == pytest.approx(r["minigpt_tok_s"] / r["hf_generate_tok_s"], rel=0.01)
+    singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
+    assert len(singles) == 6  # five contenders and the cold call
+    assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1
+    assert all(run["new_tokens"] == [n] for run in singles.values())
+    assert bench.agreement(r["runs"]) == dict.fromkeys(singles, 1.0)  # one function: the same greedy text
+    batch = [run for name, run in r["runs"].items() if name.endswith("batch 3")]
+    assert len(batch) == 2 and batch[0]["prompts"] == batch[1]["prompts"] and len(batch[0]["prompts"]) == 3
+    assert all(run["new_tokens"] == [n] * 3 for run in batch)
+    assert r["cold_cache"][0] == 0 < r["cold_cache"][1]  # the packed copy and measurement were made in the timed call

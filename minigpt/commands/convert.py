@@ -24,11 +24,11 @@ def convert(
         overwrite: replace an existing output.
     """
     if from_hf and out and not (ckpt_path or to_hf):
-        from minigpt.hf import convert_from_hf  # transformers: imported only here
+        from minigpt.convert import convert_from_hf  # transformers: imported only here
 
         print(convert_from_hf(from_hf, out, overwrite=overwrite))
     elif ckpt_path and to_hf and not (from_hf or out):
-        from minigpt.hf import convert_to_hf
+        from minigpt.convert import convert_to_hf
 
         print(convert_to_hf(ckpt_path, to_hf, overwrite=overwrite))
     else:

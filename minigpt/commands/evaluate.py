@@ -61,7 +61,7 @@ def evaluate(
         ids, offsets, chars, what = _split_documents(ckpt, tokenizer, split, archive, max_docs, out)
     result = evaluate_ids(
         model, ids, offsets, chars, unk_index=tokenizer.unk_index, eot_index=tokenizer.eot_index, stride=stride,
-        batch_size=batch_size, device=device,
+        pad_index=tokenizer.pad_index, batch_size=batch_size, device=device,
     )  # fmt: skip
     r = result.to_dict()
     out.say(
