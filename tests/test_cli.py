@@ -454,7 +454,7 @@ assert not heavy, heavy
 
 def test_tests_run_with_a_temporary_home_and_data_cache(tiny_ckpt, _isolated_home):
     home, session_cache = _isolated_home
-    assert Path(os.environ["HOME"]) == home and home != Path.home().parent / "root"
+    assert Path(os.environ["HOME"]) == home and Path(os.environ["MINIGPT_CACHE"]) != session_cache  # per test
     assert any(session_cache.iterdir())  # the module-scoped fixture's data went to the session cache
     assert not (home / ".cache" / "minigpt").exists()
 
