@@ -2,13 +2,36 @@
 
 The pure-torch pieces are importable without Lightning::
 
-    from minigpt import GPT, GPTConfig, Vocab, generate
+    from minigpt import GPT, GPTConfig, SamplingConfig, Vocab, generate
+
+The names load on first use, so ``minigpt --help`` starts without importing torch.
 """
 
-from minigpt.config import GPTConfig
-from minigpt.generation import generate, generate_text, stream
-from minigpt.model import GPT, lm_loss
-from minigpt.tokenizer import Vocab, basic_english
+from importlib import import_module
+from typing import Any
 
-__all__ = ["GPT", "GPTConfig", "Vocab", "basic_english", "generate", "generate_text", "lm_loss", "stream"]
+_EXPORTS = {
+    "GPTConfig": "minigpt.config",
+    "GPT": "minigpt.model",
+    "lm_loss": "minigpt.model",
+    "SamplingConfig": "minigpt.generation",
+    "generate": "minigpt.generation",
+    "generate_text": "minigpt.generation",
+    "stream": "minigpt.generation",
+    "Vocab": "minigpt.tokenizer",
+    "basic_english": "minigpt.tokenizer",
+    "load_model": "minigpt.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

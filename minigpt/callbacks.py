@@ -1,53 +1,59 @@
-"""Training callbacks: sample generations while training, and a Ctrl-C that saves before stopping."""
+"""Training callbacks: samples while training, a Ctrl-C that saves, and what a person watching sees.
+
+* `GenerationCallback`: fixed prompts continued after each validation (TensorBoard text + console).
+* `GracefulStop`: the first Ctrl-C saves `last.ckpt` and stops; a run never ends without one.
+* `EarlyValidation`: the first validation (and sample) early, then the configured interval.
+* `ProgressLog`: plain progress lines when the output is a file, not a terminal.
+* `LearningRateLog`: one learning-rate curve per distinct rate.
+* `ProgressBar`: Lightning's bar, showing the run's version as ``version``.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Timer, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from minigpt.generation import check_sampling, generate_text
+from minigpt.checkpointing import RunCheckpoint, last_checkpoint_path
+from minigpt.generation import SamplingConfig, generate_text
 
 log = logging.getLogger(__name__)
+
+TRAINING_SAMPLES = SamplingConfig(max_new_tokens=30, temperature=0.8, top_k=50, top_p=None)
+"""How the training-time samples are drawn unless configured (`--generation.sampling.*`)."""
 
 
 class GenerationCallback(Callback):
     """At the end of each validation epoch, continue fixed prompts with a fixed seed.
 
     The text goes to TensorBoard (text panel, tag ``samples``) and to the console, so what the
-    model writes can be followed while it learns.
+    model writes can be followed while it learns. Like `minigpt generate`, a sample never holds
+    `<pad>` and holds `<unk>` only if asked.
     """
 
     def __init__(
         self,
         prompts: list[str] | None = None,
-        max_new_tokens: int = 30,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
+        sampling: SamplingConfig = TRAINING_SAMPLES,
         seed: int = 0,
         enabled: bool = True,
     ):
         """
         Args:
             prompts: texts to continue (default: ["the movie was"]).
-            max_new_tokens: tokens to generate per prompt.
-            temperature: sampling temperature (0 = greedy).
-            top_k: keep the k most likely tokens (None = all).
-            top_p: nucleus sampling threshold (None = off).
+            sampling: how tokens are chosen (``max_new_tokens``, ``temperature``, ``top_k``, ...).
             seed: seed of the sampling generator, the same at every epoch.
             enabled: turn the samples off.
         """
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
         self.prompts = list(prompts) if prompts else ["the movie was"]
-        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.sampling = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**sampling)
         self.seed, self.enabled = seed, enabled
         self.last_samples: list[tuple[str, str]] = []
 
@@ -60,19 +66,7 @@ class GenerationCallback(Callback):
         # Sampling must not disturb the training random state (exact resume depends on it).
         with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
             self.last_samples = [
-                (
-                    prompt,
-                    generate_text(
-                        pl_module.model,
-                        tokenizer,
-                        prompt,
-                        max_new_tokens=self.max_new_tokens,
-                        temperature=self.temperature,
-                        top_k=self.top_k,
-                        top_p=self.top_p,
-                        generator=generator,
-                    ),
-                )
+                (prompt, generate_text(pl_module.model, tokenizer, prompt, self.sampling, generator=generator))
                 for prompt in self.prompts
             ]
         text = "\n\n".join(f"**{p}** {c}" for p, c in self.last_samples)
@@ -91,11 +85,14 @@ class GracefulStop(Callback):
     * A run that ends by ``max_steps``/``max_time`` between two validations (when
       ``ModelCheckpoint`` would not save) still saves its final state.
 
+    Both saves go through the run's checkpoint callback, so they replace ``last.ckpt`` (never a
+    ``last-v1.ckpt``) and the callback's state in the file names that same ``last.ckpt``.
     The checkpoint resumes with ``--ckpt_path last``.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self.saved: Path | None = None
         self._previous = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -123,26 +120,158 @@ class GracefulStop(Callback):
             self._previous = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = self.last_path(trainer)
-        if trainer.global_step > 0 and _saved_step(path) != trainer.global_step:
-            trainer.save_checkpoint(path, weights_only=False)
-
-    @staticmethod
-    def last_path(trainer: pl.Trainer) -> Path:
-        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
-        return folder / "last.ckpt"
+        ckpt = _run_checkpoint(trainer)
+        saved_step = ckpt._last_global_step_saved if ckpt is not None else None
+        if trainer.global_step > 0 and saved_step != trainer.global_step:
+            self.save_last(trainer)
 
     def save_last(self, trainer: pl.Trainer) -> Path:
-        path = self.last_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)
-        return path
+        ckpt = _run_checkpoint(trainer)
+        if ckpt is not None and ckpt.save_last:
+            self.saved = Path(ckpt.save_last_now(trainer))
+        else:
+            self.saved = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(self.saved, weights_only=False)
+        return self.saved
 
 
-def _saved_step(path: Path) -> int | None:
-    if not path.exists():
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # unreadable: rewrite it
-        return None
+def _run_checkpoint(trainer: pl.Trainer) -> RunCheckpoint | None:
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)), None)
+
+
+class EarlyValidation(Callback):
+    """Validate (and so sample) once at ``step``, then every ``val_check_interval`` steps as configured.
+
+    A new run shows how it is doing within its first minute without a long run validating more often.
+    Works with step-based validation (``check_val_every_n_epoch: null``); otherwise it does nothing.
+    """
+
+    def __init__(self, step: int | None = None):
+        """
+        Args:
+            step: the training step of the first validation (None: the configured interval only).
+        """
+        if step is not None and step < 1:
+            raise ValueError(f"early_validation.step must be >= 1 or null, got {step}")
+        self.step = step
+        self._regular: int | float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        regular = trainer.val_check_batch
+        if (
+            self.step is None
+            or trainer.check_val_every_n_epoch is not None
+            or not isinstance(regular, int)
+            or not self.step < regular
+            or trainer.global_step >= self.step
+        ):
+            return
+        # Lightning validates when (batch count) % val_check_batch == 0: `step` first, then the regular multiples.
+        self._regular, trainer.val_check_batch = regular, self.step
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._regular is not None and not trainer.sanity_checking:
+            trainer.val_check_batch, self._regular = self._regular, None
+
+
+class ProgressLog(Callback):
+    """One plain line of progress every ``log_every_n_steps`` steps or ``interval_s`` seconds, whichever is later.
+
+    For output that goes to a file (``minigpt fit > run.log``, nohup, CI), where a progress bar is
+    noise. The first logging step and the end of training are always reported.
+    """
+
+    def __init__(self, interval_s: float = 30.0):
+        self.interval_s = interval_s
+        self._start = self._last_time = 0.0
+        self._start_step = 0
+        self._last_step: int | None = None
+        self._tokens = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self._last_time = time.monotonic()
+        self._start_step, self._last_step, self._tokens = trainer.global_step, None, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        self._tokens += x.numel() * trainer.world_size  # no device sync: padding included
+        step, now = trainer.global_step, time.monotonic()
+        every = max(1, trainer.log_every_n_steps)
+        if self._last_step is None:
+            due = step - self._start_step >= every
+        else:
+            due = step - self._last_step >= every and now - self._last_time >= self.interval_s
+        if due:
+            self._print(trainer, step, now)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._print(trainer, trainer.global_step, time.monotonic())
+
+    @rank_zero_only
+    def _print(self, trainer: pl.Trainer, step: int, now: float) -> None:
+        self._last_step, self._last_time = step, now
+        elapsed = now - self._start
+        loss = trainer.callback_metrics.get("train_loss")
+        done = step - self._start_step
+        total = _planned_steps(trainer)
+        eta = (total - step) * elapsed / done if total and done else None
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # --trainer.max_time
+        left = timer.time_remaining("train") if timer is not None else None
+        if left is not None:
+            eta = left if eta is None else min(eta, left)
+        parts = [
+            f"step {step}" + (f"/{total}" if total else ""),
+            f"epoch {trainer.current_epoch}",
+            f"train_loss {float(loss):.4f}" if loss is not None else "train_loss -",
+            f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s",
+            f"elapsed {_clock(elapsed)}",
+            f"eta {_clock(eta)}" if eta is not None else "eta -",
+        ]
+        print("  ".join(parts), flush=True)
+
+
+def _planned_steps(trainer: pl.Trainer) -> int | None:
+    """The step the run stops at by max_steps or max_epochs (None if neither bounds it)."""
+    steps = [trainer.max_steps] if trainer.max_steps and trainer.max_steps > 0 else []
+    per_epoch = trainer.num_training_batches
+    if trainer.max_epochs and trainer.max_epochs > 0 and isinstance(per_epoch, int):
+        steps.append(trainer.max_epochs * math.ceil(per_epoch / trainer.accumulate_grad_batches))
+    return min(steps) if steps else None
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LearningRateLog(Callback):
+    """Log the learning rate at logging steps: one ``lr`` curve per distinct rate.
+
+    Lightning's ``LearningRateMonitor`` logs every parameter group, and AdamW's two groups (with and
+    without weight decay) share one rate: two identical curves.
+    """
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx) -> None:
+        if not trainer.loggers or (trainer.global_step % max(1, trainer.log_every_n_steps)):
+            return
+        stats = {}
+        for i, optimizer in enumerate(trainer.optimizers):
+            name = "lr" if len(trainer.optimizers) == 1 else f"lr-{i}"
+            rates = [group["lr"] for group in optimizer.param_groups]
+            if len(set(rates)) == 1:
+                stats[name] = rates[0]
+            else:
+                stats.update({f"{name}-pg{j}": rate for j, rate in enumerate(rates)})
+        for logger in trainer.loggers:
+            logger.log_metrics(stats, step=trainer.global_step)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with the run's version named ``version`` (Lightning says ``v_num``)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        if "v_num" in items:
+            items = {"version": items.pop("v_num"), **items}
+        return items

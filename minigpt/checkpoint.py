@@ -21,9 +21,12 @@ References: litgpt loads `lit_model.pth` with plain torch (`litgpt/utils.py` `lo
 
 from __future__ import annotations
 
+import errno
+import importlib.metadata
 import io
 import os
-import tempfile
+import secrets
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -155,6 +158,8 @@ def new_checkpoint(model: GPT, tokenizer, **hyper_parameters: Any) -> dict:
         "minigpt": minigpt_section(tokenizer),
         "global_step": 0,
         "epoch": 0,
+        # `LitMiniGPT.load_from_checkpoint` migrates by this key; the version is read without importing Lightning.
+        "pytorch-lightning_version": importlib.metadata.version("lightning"),
     }
 
 
@@ -163,20 +168,33 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
 
     The bytes go to a temporary file beside the target (same filesystem), are flushed to disk and
     renamed over the target. Lightning's own writer stages in the system temp folder, whose final
-    move is a copy when that folder is on another filesystem.
+    move is a copy when that folder is on another filesystem. The file gets the permissions of any
+    file the user creates (the umask applies), and a full disk is a `UserError` naming the file and
+    the space it needs, with the previous file intact and no temporary file left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        # os.open with 0o666 lets the umask decide the mode, as for any new file (mkstemp gives 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"no space left on the device to write {path} (it needs {_megabytes(buffer.getbuffer().nbytes)}, "
+                f"{_megabytes(shutil.disk_usage(path.parent).free)} free); free some space and resume"
+            ) from err
         raise
     return path
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"

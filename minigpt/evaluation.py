@@ -2,7 +2,10 @@
 
 Every document is cut into the same fixed windows the Trainer validates and tests on
 (``DocumentWindowDataset``: ``<eot> doc <eot>``, every token scored once with the context before
-it in its window), so ``evaluate`` and ``minigpt test`` report the same numbers.
+it in its window), so ``evaluate`` and ``minigpt test`` report the same numbers. Any model is scored
+through an ``NllFn`` (minigpt's: ``gpt_nll``; a Hugging Face model's: ``minigpt.hf``), and every special
+id (``<eot>`` around documents, the pad filler, ``<unk>``) comes from the tokenizer: with GPT-2's BPE
+minigpt's word-vocabulary ids 1 and 2 are ``"`` and ``#``.
 
 Bits per character = total negative log2-likelihood / number of characters of the original
 text. It does not depend on the tokenizer, so a word-level model and GPT-2's BPE compare on it.
@@ -12,7 +15,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -21,9 +25,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from minigpt.data.corpus import encode_documents
 from minigpt.data.samples import DocumentWindowDataset, pad_collate
 from minigpt.model import GPT
-from minigpt.tokenizer import EOT_ID, IGNORE_INDEX, PAD_ID
+from minigpt.tokenizer import IGNORE_INDEX
 
 
 @dataclass
@@ -54,8 +59,8 @@ def score_documents(
     *,
     block_size: int,
     unk_index: int,
-    eot_index: int = EOT_ID,
-    pad_index: int = PAD_ID,
+    eot_index: int,
+    pad_index: int,
     stride: int | None = None,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
@@ -97,27 +102,54 @@ def score_documents(
     )
 
 
-def evaluate_ids(
-    model: GPT,
-    ids: np.ndarray,
-    offsets: np.ndarray,
-    characters: int,
+def score_texts(
+    nll_fn: NllFn,
+    tokenizer,
+    texts: Sequence[str],
     *,
-    unk_index: int,
-    eot_index: int = EOT_ID,
-    pad_index: int = PAD_ID,
+    block_size: int,
     stride: int | None = None,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """``score_documents`` with a minigpt model, on its own context length (eval mode, restored after)."""
+    """``score_documents`` of raw texts, encoded by ``tokenizer``, which also gives every special id."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    texts = list(texts)
+    ids, offsets = encode_documents(tokenizer, texts)
+    return score_documents(
+        nll_fn, ids, offsets, sum(map(len, texts)), block_size=block_size, unk_index=tokenizer.unk_index,
+        eot_index=tokenizer.eot_index, pad_index=tokenizer.pad_index, stride=stride, batch_size=batch_size,
+        device=device,
+    )  # fmt: skip
+
+
+def gpt_nll(model: GPT) -> NllFn:
+    """A minigpt model's ``NllFn``."""
+    return lambda x, y: model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block, its own mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        return score_documents(
-            lambda x, y: model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX),
-            ids, offsets, characters, block_size=model.config.block_size, unk_index=unk_index,
-            eot_index=eot_index, pad_index=pad_index, stride=stride, batch_size=batch_size, device=device,
-        )  # fmt: skip
+        yield
     finally:
         model.train(was_training)
+
+
+def evaluate_ids(
+    model: GPT, ids: np.ndarray, offsets: np.ndarray, characters: int, *, unk_index: int, eot_index: int,
+    pad_index: int, stride: int | None = None, batch_size: int = 32, device: torch.device | str = "cpu",
+) -> EvalResult:  # fmt: skip
+    """``score_documents`` with a minigpt model, on its own context length (eval mode, restored after).
+
+    The special ids are the tokenizer's (``tokenizer.unk_index``, ``eot_index``, ``pad_index``).
+    """
+    with eval_mode(model):
+        return score_documents(
+            gpt_nll(model), ids, offsets, characters, block_size=model.config.block_size, unk_index=unk_index,
+            eot_index=eot_index, pad_index=pad_index, stride=stride, batch_size=batch_size, device=device,
+        )  # fmt: skip

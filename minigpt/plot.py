@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minigpt.errors import UserError
+
 
 def latest_run(root: str | Path = "lightning_logs") -> Path:
     runs = sorted(Path(root).glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
     if not runs:
-        raise ValueError(f"no runs under {root}/version_*; pass a run folder (lightning_logs/version_N)")
+        raise UserError(f"no runs under {root}/version_*; pass a run folder (ROOT/lightning_logs/version_N) or --root")
     return runs[-1]
 
 
@@ -18,7 +20,7 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
     run_dir = Path(run_dir)
     if not list(run_dir.glob("events.out.tfevents.*")):
-        raise ValueError(f"{run_dir} holds no TensorBoard event files; pass a run folder (lightning_logs/version_N)")
+        raise UserError(f"{run_dir} holds no TensorBoard event files; pass a run folder (lightning_logs/version_N)")
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     out = {}
@@ -48,7 +50,7 @@ def loss_figure(scalars: dict[str, list[tuple[int, float]]], title: str = ""):
 
     curves = {tag: scalars[tag] for tag in ("train_loss", "val_loss") if scalars.get(tag)}
     if not curves:
-        raise ValueError(f"{title or 'the run'} has no train_loss or val_loss scalars to plot")
+        raise UserError(f"{title or 'the run'} has no train_loss or val_loss scalars to plot")
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
     for tag, points in curves.items():
         steps, values = zip(*points)

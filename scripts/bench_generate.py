@@ -1,27 +1,33 @@
-"""Greedy decoding speed: minigpt (KV cache) vs the tutorial's loop vs Hugging Face GPT-2, side by side.
+"""Greedy decoding speed: minigpt against the tutorial's loop, a nanoGPT-style loop and Hugging Face.
 
-    python scripts/bench_generate.py [--new_tokens 200] [--repeats 3] [--preset seed|gpt2] [--json]
+    python scripts/bench_generate.py [--new_tokens 200] [--repeats 5] [--device cpu|cuda] [--json]
 
-Batch 1, a 10-token prompt, 200 new tokens, on a model of width 200, 2 layers, 2 heads, a vocabulary of
-100,000 and a block of 256 (randomly initialised: speed does not depend on the weights):
+Every contender runs the SAME function: a GPT-2-flavoured minigpt model (width 200, 2 layers, 2 heads,
+a vocabulary of 100,000, block 256, randomly initialised: speed does not depend on the weights) and
+its exact Hugging Face copy (`minigpt.convert.minigpt_to_gpt2`). Each gets the same 10-token prompt and
+makes the same number of new tokens (end-of-text never stops a run):
 
-- minigpt: `generate(model, ..., temperature=0)` with its KV cache;
-- tutorial loop: the same model and call with `use_cache=False` (a full forward over the window per
-  token, what the PyTorch tutorial's generation does);
-- Hugging Face: `GPT2LMHeadModel.generate(do_sample=False)` with its cache, on a GPT-2 of the same size,
-  end-of-text disabled so it runs all 200 steps.
+- minigpt: `generate(model, prompt, SamplingConfig.greedy(n), stop_ids=None)`, KV cache, head "auto";
+- tutorial loop: what the PyTorch tutorial's generation does, a full forward over the cropped window
+  per token with the head over every position (`model(window)[:, -1].argmax()`);
+- recompute, last position: nanoGPT's `generate` (full trunk over the window, the head over the last
+  position only);
+- HF generate: `GPT2LMHeadModel.generate(do_sample=False)` with its cache;
+- HF loop: a bare cached loop, `model(input_ids, past_key_values=past)` and an argmax per token.
 
-At this size one token costs about one read of the 100,000 x 200 output matrix, so the script also
-times that matrix-vector product alone (median of many) and reports generation against it. Each row
-is the median of `--repeats` timed runs (after one warm-up run, except for the slow recompute loop).
-The contenders take turns, so that load from other processes (the script prints the load average)
-hits them alike. Times cover the whole `generate` call (prefill, and the head copy minigpt makes,
-included).
+Costs minigpt pays once per weight version (the packed head copy, the one-time head measurement)
+are timed in a separate "cold" row: the first call after `minigpt.kernels.reset_decode_heads()`.
+The warm rows are the median of `--repeats` runs; contenders take turns (round robin) so that load
+from other processes hits them alike. The bound is one read of the output matrix per token, timed
+with plain torch (`W.sum()`, median of many): a token can hardly cost less than reading W once.
+On CUDA every timer synchronises the device. Batches of 8 and 32 prompts are timed for minigpt and
+HF generate (tokens/s counts every row's tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -29,141 +35,196 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from minigpt.config import GPTConfig
-from minigpt.generation import DecodeHead, generate
+from minigpt.convert import minigpt_to_gpt2
+from minigpt.generation import SamplingConfig, generate
+from minigpt.kernels import PackedHead, decode_head, decode_head_cache_size, reset_decode_heads
 from minigpt.model import GPT
 
 VOCAB, WIDTH, LAYERS, HEADS, BLOCK, PROMPT = 100_000, 200, 2, 2, 256, 10
+BATCHES = (8, 32)
+
+Run = Callable[[list[list[int]]], list[list[int]]]  # prompts -> the new tokens of each row
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, the device's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
-def build_minigpt(preset: str) -> GPT:
-    if preset == "gpt2":  # the architecture of the Hugging Face model below
-        config = GPTConfig.gpt2(VOCAB, BLOCK, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS)
-    else:  # the tutorial's model (post-norm, ReLU MLP of 2048, untied head with bias)
-        config = GPTConfig.seed(VOCAB, BLOCK, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH)
-    return GPT(config).eval()
+@torch.inference_mode()
+def tutorial_loop(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """The tutorial's generation: the whole window through the model, the head over every position."""
+    seq = torch.tensor(prompts, device=model.lm_head.weight.device)
+    for _ in range(n):
+        logits = model(seq[:, -model.config.block_size :])  # (B, T, V)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, -n:].tolist()
 
 
-def head_products(model: GPT, repeats: int) -> dict[str, float]:
-    """Seconds (median) of one head matrix-vector product per layout, and of one plain read of it."""
-    weight = model.lm_head.weight.detach()  # (V, C)
-    h = torch.randn(1, weight.size(1))
-    transposed = weight.t().contiguous()  # (C, V)
+@torch.inference_mode()
+def recompute_last(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """nanoGPT's `generate`: the whole window through the trunk, only the last position through the head."""
+    seq = torch.tensor(prompts, device=model.lm_head.weight.device)
+    for _ in range(n):
+        hidden = model.hidden_states(seq[:, -model.config.block_size :])
+        seq = torch.cat([seq, model.head_logits(hidden[:, -1]).argmax(-1, keepdim=True)], dim=1)
+    return seq[:, -n:].tolist()
+
+
+@torch.inference_mode()
+def hf_loop(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """A bare Hugging Face cached loop: prefill, then one token per call with the returned cache."""
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns on every call).
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    ids = torch.tensor(prompts, device=hf.device)
+    out = hf(input_ids=ids, use_cache=True)
+    new = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(n - 1):
+        past = out.get("cache") or out.get("past_key_values")
+        out = hf(input_ids=new[-1], use_cache=True, **{name: past})
+        new.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(new, dim=1).tolist()
+
+
+@torch.inference_mode()
+def hf_generate(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
+    ids = torch.tensor(prompts, device=hf.device)
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+        eos_token_id=None, pad_token_id=0, use_cache=True,
+    )  # fmt: skip
+    return out[:, ids.size(1) :].tolist()
+
+
+def minigpt_generate(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
+    return [r.tokens for r in generate(model, prompts, SamplingConfig.greedy(n), stop_ids=None)]
+
+
+def build(device: torch.device) -> tuple[GPT, object]:
+    """The minigpt model and its Hugging Face copy (the same function, the same weights)."""
+    torch.manual_seed(0)
+    config = GPTConfig.gpt2(VOCAB, BLOCK, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, d_ff=4 * WIDTH)
+    model = GPT(config).eval()
+    hf = minigpt_to_gpt2(model)
+    hf.generation_config.eos_token_id = None  # never stop early: every run makes n tokens
+    return model.to(device), hf.to(device).eval()
+
+
+def bench(n: int, repeats: int, device: torch.device, batches: tuple[int, ...] = BATCHES) -> dict:
+    """Time every contender side by side; returns the summary (and `rows`, `runs`, `cold_cache` for checks)."""
+    model, hf = build(device)
+    prompt = torch.randint(3, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    contenders: dict[str, Run] = {
+        "minigpt (KV cache)": lambda p: minigpt_generate(model, p, n),
+        "tutorial loop (recompute, full head)": lambda p: tutorial_loop(model, p, n),
+        "recompute, head on last position": lambda p: recompute_last(model, p, n),
+        "HF generate": lambda p: hf_generate(hf, p, n),
+        "HF cached loop": lambda p: hf_loop(hf, p, n),
+    }
+    weight, hidden = model.lm_head.weight.detach(), torch.randn(1, WIDTH, device=device)
+    packed = PackedHead(weight, None, torch.get_num_threads() if device.type == "cpu" else 1)
+    per_token: dict[str, Callable[[], object]] = {  # timed n times per round, as if once per token
+        "bound: one read of W (W.sum())": weight.sum,
+        "head alone, plain (F.linear)": lambda: model.head_logits(hidden),
+        f"head alone, packed ({packed.weight.size(0)} slabs)": lambda: packed(hidden),
+    }
+    runs: dict[str, dict] = {}  # what each contender was given and produced, for the invariants
+
+    def record(name: str, prompts: list[list[int]], out: list[list[int]]) -> None:
+        runs[name] = {"prompts": prompts, "new_tokens": [len(row) for row in out], "tokens": out}
+
+    # Cold: the first minigpt call after forgetting every packed head and head measurement.
+    reset_decode_heads()
+    cold_cache = [decode_head_cache_size()]
+    cold = timed(lambda: record("minigpt cold (first call)", [prompt], minigpt_generate(model, [prompt], n)), device)
+    cold_cache.append(decode_head_cache_size())
+    times: dict[str, list[float]] = {name: [] for name in [*contenders, *per_token]}
+    for name, run in contenders.items():  # warm-up round (its outputs are recorded)
+        record(name, [prompt], run([prompt]))
     with torch.inference_mode():
-        split = DecodeHead(model, 1)
-        return {
-            "F.linear(h, W), W (V, C) row-major": median_seconds(lambda: F.linear(h, weight), repeats, 10),
-            "h @ W.T, contiguous (C, V) copy": median_seconds(lambda: h @ transposed, repeats, 10),
-            "minigpt generation head (2 x (C, V/2) bmm)": median_seconds(lambda: split(h), repeats, 10),
-            "read W once (W.sum(), bandwidth floor)": median_seconds(lambda: weight.sum(), repeats, 10),
-        }
+        for _ in range(repeats):  # round robin: load from other processes hits every contender alike
+            for name, run in contenders.items():
+                times[name].append(timed(lambda run=run: run([prompt]), device))
+            for name, fn in per_token.items():
+                times[name].append(timed(lambda fn=fn: [fn() for _ in range(n)], device))
+    rows = {"minigpt cold (first call)": cold, **{name: statistics.median(ts) for name, ts in times.items()}}
+    batch_tok_s: dict[str, float] = {}
+    for b in batches:
+        prompts = torch.randint(3, VOCAB, (b, PROMPT), generator=torch.Generator().manual_seed(b)).tolist()
+        for key, name in (("minigpt", "minigpt (KV cache)"), ("hf", "HF generate")):
+            record(f"{name}, batch {b}", prompts, contenders[name](prompts))  # warm-up
+            t = statistics.median(timed(lambda name=name: contenders[name](prompts), device) for _ in range(repeats))
+            batch_tok_s[f"{key}_batch{b}_tok_s"] = round(b * n / t, 2)
+    tok_s = {name: n / t for name, t in rows.items()}
+    mine, bound = tok_s["minigpt (KV cache)"], tok_s["bound: one read of W (W.sum())"]
+    return {
+        "minigpt_tok_s": round(mine, 2),
+        "minigpt_cold_tok_s": round(tok_s["minigpt cold (first call)"], 2),
+        "tutorial_loop_tok_s": round(tok_s["tutorial loop (recompute, full head)"], 2),
+        "recompute_last_tok_s": round(tok_s["recompute, head on last position"], 2),
+        "hf_generate_tok_s": round(tok_s["HF generate"], 2),
+        "hf_loop_tok_s": round(tok_s["HF cached loop"], 2),
+        "bandwidth_bound_tok_s": round(bound, 2),
+        "of_bound": round(mine / bound, 3),
+        "vs_tutorial": round(mine / tok_s["tutorial loop (recompute, full head)"], 2),
+        "vs_hf": round(mine / tok_s["HF generate"], 2),
+        **batch_tok_s,
+        "head": "plain" if decode_head(model, 1) == model.head_logits else "packed",
+        "rows": rows,
+        "runs": runs,
+        "cold_cache": cold_cache,
+    }
+
+
+def agreement(runs: dict[str, dict], reference: str = "minigpt (KV cache)") -> dict[str, float]:
+    """Share of greedy tokens each batch-1 contender has in common with minigpt's (1.0 = the same text)."""
+    ref = runs[reference]["tokens"][0]
+    return {
+        name: sum(a == b for a, b in zip(r["tokens"][0], ref)) / len(ref)
+        for name, r in runs.items()
+        if r["prompts"] == runs[reference]["prompts"]
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new_tokens", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender, >= 1 (median)")
-    parser.add_argument("--head_repeats", type=int, default=200, help="timed head products (median)")
-    parser.add_argument("--preset", choices=("seed", "gpt2"), default="seed", help="minigpt's architecture")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     args = parser.parse_args()
-    n = args.new_tokens
-
-    load_before = os.getloadavg()[0]
-    torch.manual_seed(0)
-    model = build_minigpt(args.preset)
-    prompt = torch.randint(3, VOCAB, (PROMPT,)).tolist()
-
-    def minigpt_run(use_cache: bool) -> list[int]:
-        (result,) = generate(model, prompt, max_new_tokens=n, temperature=0, stop_ids=None, use_cache=use_cache)
-        return result.tokens
-
-    minigpt_run(True)  # warm-up (and the head copy minigpt keeps per model)
-    t0 = time.perf_counter()
-    cached = minigpt_run(True)
-    t1 = time.perf_counter()
-    naive = minigpt_run(False)  # the recompute loop is slow: its first run is timed, not a warm-up
-    first = {"minigpt (KV cache)": t1 - t0, "tutorial loop (recompute)": time.perf_counter() - t1}
-    if cached != naive:
-        raise SystemExit("KV-cache and recompute loops disagree: the benchmark would compare different work")
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf = GPT2LMHeadModel(
-        GPT2Config(n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=BLOCK)
-    ).eval()
-    hf.generation_config.eos_token_id = None  # never stop early: all runs do n steps
-    hf.generation_config.pad_token_id = 0
-    hf_ids = torch.tensor([prompt])
-
-    def hf_run() -> None:
-        with torch.inference_mode():
-            out = hf.generate(
-                hf_ids, attention_mask=torch.ones_like(hf_ids), do_sample=False, max_new_tokens=n,
-                min_new_tokens=n, use_cache=True,
-            )  # fmt: skip
-        assert out.size(1) == PROMPT + n
-
-    # Round robin (one run of each, repeated) so that a burst of load from other processes on the machine
-    # hits every contender alike; the runs above are the first round.
-    runs = {
-        "minigpt (KV cache)": lambda: minigpt_run(True),
-        "tutorial loop (recompute)": lambda: minigpt_run(False),
-        "HF GPT2LMHeadModel.generate": hf_run,
-    }
-    hf_run()  # warm-up
-    t0 = time.perf_counter()
-    hf_run()
-    first["HF GPT2LMHeadModel.generate"] = time.perf_counter() - t0
-    times = {name: [t] for name, t in first.items()}
-    for _ in range(args.repeats - 1):
-        for name, run in runs.items():
-            times[name].append(median_seconds(run, 1, warmup=0))
-    seconds = {name: statistics.median(ts) for name, ts in times.items()}
-    heads = head_products(model, args.head_repeats)
-    head_bound = min(t for name, t in heads.items() if not name.startswith("read"))
-
+    device, n = torch.device(args.device), args.new_tokens
+    load = os.getloadavg()[0]
+    r = bench(n, args.repeats, device)
     print(
-        f"greedy decoding, batch 1, {PROMPT}-token prompt, {n} new tokens; width {WIDTH}, {LAYERS} layers, "
-        f"{HEADS} heads, vocab {VOCAB:,}, block {BLOCK}; minigpt preset {args.preset!r}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}; "
-        f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)"
+        f"greedy decoding, batch 1, {PROMPT}-token prompt, {n} new tokens; GPT-2 flavour width {WIDTH}, "
+        f"{LAYERS} layers, {HEADS} heads, vocab {VOCAB:,}, block {BLOCK}; {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {args.repeats}; load average {load:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)"
     )
-    print(f"{'':44} {'tokens/s':>10} {'ms/token':>10} {'minigpt is':>11}")
-    base = seconds["minigpt (KV cache)"]
-    for name, t in seconds.items():
-        print(f"{name:44} {n / t:>10.1f} {1e3 * t / n:>10.3f} {t / base:>10.2f}x")
-    print(f"head matrix-vector product alone ({VOCAB:,} x {WIDTH}), median of {args.head_repeats}:")
-    for name, t in heads.items():
-        print(f"  {name:42} {1 / t:>10.1f} {1e3 * t:>10.3f}")
-    tok_s = {name: n / t for name, t in seconds.items()}
-    summary = {
-        "minigpt_tok_s": round(tok_s["minigpt (KV cache)"], 2),
-        "tutorial_loop_tok_s": round(tok_s["tutorial loop (recompute)"], 2),
-        "hf_generate_tok_s": round(tok_s["HF GPT2LMHeadModel.generate"], 2),
-        "head_bound_tok_s": round(1 / head_bound, 2),
-        "vs_tutorial": round(seconds["tutorial loop (recompute)"] / base, 2),
-        "vs_hf": round(seconds["HF GPT2LMHeadModel.generate"] / base, 2),
-    }
+    print(f"{'':40} {'tokens/s':>10} {'ms/token':>10} {'minigpt is':>11}")
+    base = r["rows"]["minigpt (KV cache)"]
+    for name, t in r["rows"].items():
+        print(f"{name:40} {n / t:>10.1f} {1e3 * t / n:>10.3f} {t / base:>10.2f}x")
+    for key, value in r.items():
+        if "_batch" in key:
+            print(f"{key:40} {value:>10.1f}")
+    print(f"generation head chosen by minigpt's one-time measurement (head='auto'): {r['head']}")
+    same = agreement(r["runs"])
+    print("greedy tokens shared with minigpt: " + ", ".join(f"{k} {v:.0%}" for k, v in same.items()))
     print(
-        f"vs_tutorial {summary['vs_tutorial']:.2f}x   vs_hf {summary['vs_hf']:.2f}x   "
-        f"minigpt reaches {summary['minigpt_tok_s'] / summary['head_bound_tok_s']:.0%} of the head bound"
+        f"vs_tutorial {r['vs_tutorial']:.2f}x   vs_hf {r['vs_hf']:.2f}x   minigpt reaches {r['of_bound']:.0%} "
+        "of the bandwidth bound"
     )
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({k: v for k, v in r.items() if k not in ("rows", "runs", "cold_cache")}))
 
 
 if __name__ == "__main__":

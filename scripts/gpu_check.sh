@@ -13,5 +13,7 @@ python scripts/bench_generate.py --json 2>&1 | tee "$OUT/bench_generate.txt"
 minigpt fit --config configs/imdb.yaml --trainer.precision bf16-mixed --model.compile true \
     --trainer.max_time 00:00:02:00 --trainer.enable_progress_bar false --trainer.default_root_dir "$OUT" \
     2>&1 | tee "$OUT/fit.txt"
-minigpt evaluate --ckpt_path "$(ls -t lightning_logs/version_*/checkpoints/last.ckpt | head -1)" --split val --json \
-    2>&1 | tee "$OUT/evaluate.txt"
+# The run lives under --trainer.default_root_dir: $OUT/lightning_logs/version_N.
+minigpt evaluate --ckpt_path "$(ls -t "$OUT"/lightning_logs/version_*/checkpoints/last.ckpt | head -1)" --split val \
+    --json >"$OUT/evaluate.json" 2>"$OUT/evaluate.txt"
+cat "$OUT/evaluate.txt" "$OUT/evaluate.json"

@@ -44,9 +44,21 @@ def write_tar(path: Path, files: dict[str, str | bytes], extra: list[tarfile.Tar
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Tests never touch the user's ~/.cache/minigpt: HOME and the cache are temporary for the whole
+    session, set before any module-scoped fixture runs; at the end nothing may be under HOME's cache."""
+    home, cache = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("session_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("MINIGPT_CACHE", str(cache))
+        yield home, cache
+    assert not (home / ".cache" / "minigpt").exists(), "a test wrote into ~/.cache/minigpt"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Never touch the user's ~/.cache/minigpt from tests.
+    # Each test its own data cache (a test that builds one must not see another test's).
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
@@ -64,13 +76,16 @@ def tiny_folder(tmp_path) -> Path:
     return tmp_path / "extracted" / "aclImdb"
 
 
+def write_corpus(path: Path, n: int = 60) -> Path:
+    """n short reviews as plain text, documents separated by blank lines."""
+    path.write_text("\n\n".join(review(i, 12 + (i % 5) * 4) for i in range(n)))
+    return path
+
+
 @pytest.fixture
-def tiny_text(tmp_path) -> Path:
-    """A few hundred characters of plain text: documents separated by blank lines."""
-    docs = [review(i, 6 + 3 * i) for i in range(12)]
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n\n".join(docs) + "\n")
-    return p
+def corpus(tmp_path) -> Path:
+    """The plain-text corpus the command-line tests train on (60 short reviews, seconds to fit)."""
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 @pytest.fixture

@@ -1,26 +1,29 @@
 """The `minigpt` command end to end, in-process, on a tiny corpus (seconds)."""
 
+import io
 import json
+import os
+import stat
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import review
+import yaml
+from conftest import write_corpus
 from lightning.pytorch.cli import LightningCLI
 
-from minigpt.cli import MiniGPTCLI, main
+from minigpt.checkpointing import AtomicCheckpointIO
+from minigpt.cli import main
+from minigpt.commands.train import MiniGPTCLI
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.lit_module import LitMiniGPT
 from minigpt.plot import loss_figure, read_scalars
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n\n".join(review(i, 12 + (i % 5) * 4) for i in range(60)))
-    return p
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -104,8 +107,9 @@ def test_default_fit_config_is_the_imdb_recipe(capsys):
 
 def test_prepare_json(corpus, capsys):
     main(["prepare", "--data.source", "text", "--data.text_path", str(corpus), "--show", "2", "--json"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    summary = json.loads(lines[-1])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # stdout is exactly one JSON object; the rest went to stderr
+    lines = captured.err.strip().splitlines()
     assert summary["source"] == "text" and summary["vocab_size"] > 3
     assert set(summary["splits"]) == {"train", "val"} and summary["splits"]["train"]["documents"] > 0
     assert 0 <= summary["val_unk_rate"] < 1 and summary["seconds"] >= 0
@@ -117,6 +121,10 @@ def test_prepare_json(corpus, capsys):
     ("args", "message"),
     [
         (["fit", "--data.batch_sise", "3"], "unrecognized arguments"),
+        (["fit", "--trainer.max_step", "5"], "unrecognized arguments"),  # no abbreviations
+        (["fit", "--early_validation.step", "0"], "early_validation.step"),
+        (["prepare", "--sho", "2"], "unrecognized arguments"),
+        (["plot", "--roo", "x"], "unrecognized arguments"),
         (["fit", "--model.config.n_embd", "30"], "divisible"),
         (["fit", "--data.batch_size", "0"], "batch_size must be >= 1"),
         (["fit", "--model.config.dropout", "-0.1"], "dropout"),
@@ -145,11 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, corpus, run_here, capsy
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A checkpoint trained for a few steps by `minigpt fit` (shared by the generate tests)."""
-    import os
-
     root = tmp_path_factory.mktemp("gen")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(review(i, 12 + (i % 5) * 4) for i in range(60)))
+    corpus = write_corpus(root / "corpus.txt")
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -163,13 +168,13 @@ def test_generate_json_and_reproducible(tiny_ckpt, capsys):
     args = ["generate", "--ckpt_path", str(tiny_ckpt), "--prompt", "the movie was", "--max_new_tokens", "6",
             "--num_samples", "2", "--seed", "3", "--json"]  # fmt: skip
     main(args)
-    first = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    first = json.loads(capsys.readouterr().out)["samples"]  # stdout is exactly one JSON object
     assert len(first) == 2 and {r["sample"] for r in first} == {0, 1}
     for r in first:
         assert r["prompt"] == "the movie was" and r["stop_reason"] in ("eos", "length")
         assert len(r["tokens"]) <= 6 and isinstance(r["text"], str) and r["tokens_per_s"] > 0
     main(args)
-    again = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    again = json.loads(capsys.readouterr().out)["samples"]
     assert [r["tokens"] for r in again] == [r["tokens"] for r in first]  # same seed, same text
 
 
@@ -192,6 +197,9 @@ def test_generate_stream_prints_the_same_text(tiny_ckpt, capsys):
         (["--prompt", "a", "--top_p", "1.5"], "top_p"),
         (["--prompt", "a", "--repetition_penalty", "0"], "repetition_penalty"),
         (["--prompt_file", "/no/such/prompts.txt"], "cannot read"),
+        (["--prompt", "a", "--max_new_tokens", "0"], "max_new_tokens"),
+        (["--prompt", "a", "--num_samples", "0"], "num_samples"),
+        (["--prompt", "a", "--temp", "0"], "unrecognized arguments"),  # no abbreviations
         ([], "give a prompt"),
     ],
 )
@@ -213,3 +221,270 @@ def test_generate_bad_checkpoint(tmp_path, content, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0]
+
+
+# -- issue 11: run folders, saved configs, quiet start ----------------------------------------------------------
+def test_default_root_dir_holds_the_run_and_last_plot_and_resume_follow_it(corpus, run_here, capsys):
+    root = run_here / "runs"
+    fit(corpus, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", "runs")
+    run = root / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*")) and not (run_here / "lightning_logs").exists()
+    fit(corpus, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", "runs",
+        "--ckpt_path", "last")  # fmt: skip
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # resumed in place
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    capsys.readouterr()
+    main(["plot", "--root", "runs", "--out", "curves.png"])
+    assert (run_here / "curves.png").stat().st_size > 10_000
+    # the last lines of fit say where the run is and what to do next
+    fit(corpus, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", "runs")
+    tail = capsys.readouterr().err.strip().splitlines()[-5:]
+    assert tail[0].startswith("run ") and "runs/lightning_logs/version_1" in tail[0]
+    assert [line.split()[0] for line in tail] == ["run", "generate", "evaluate", "resume", "tensorboard"]
+    assert "--ckpt_path runs/lightning_logs/version_1/checkpoints/last.ckpt" in tail[1]
+    assert "tensorboard --logdir runs/lightning_logs" in tail[4]
+
+
+def test_printed_config_and_saved_config_re_run(corpus, run_here, capsys):
+    tiny = ["--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus),
+            "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as record, pytest.raises(SystemExit) as e:
+        warnings.simplefilter("always")
+        main(["fit", *tiny, "--print_config"])
+    assert e.value.code == 0
+    assert not [w for w in record if "serialize" in str(w.message)]  # every value can be written back
+    printed = capsys.readouterr().out
+    assert "plugins" not in yaml.safe_load(printed)["trainer"] or not yaml.safe_load(printed)["trainer"]["plugins"]
+    (run_here / "c.yaml").write_text(printed)
+    main(["fit", "--config", "c.yaml", "--trainer.default_root_dir", "a"])
+    saved = run_here / "a" / "lightning_logs" / "version_0" / "config.yaml"
+    assert saved.is_file()
+    main(["fit", "--config", str(saved), "--trainer.default_root_dir", "b"])
+    assert (run_here / "b" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_trainer_writes_checkpoints_atomically_without_it_in_the_config(corpus):
+    cli = MiniGPTCLI(
+        LitMiniGPT, IMDBDataModule, run=False,
+        args=["--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus)],
+    )  # fmt: skip
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not cli.config["trainer"].get("plugins")
+
+
+def test_quiet_start_early_validation_progress_lines_and_one_lr_curve(corpus, run_here, capsys, caplog):
+    fit(corpus, "--trainer.max_steps", "12", "--trainer.val_check_interval", "10", "--early_validation.step", "3",
+        "--trainer.log_every_n_steps", "2")  # fmt: skip
+    run = run_here / "lightning_logs" / "version_0"
+    scalars = read_scalars(run)
+    # early, then the regular interval (not 6, 9); Lightning logs them at global_step - 1
+    assert [s + 1 for s, _ in scalars["val_loss"]] == [3, 10]
+    assert "hp_metric" not in scalars
+    lr_tags = [t for t in scalars if t.startswith("lr")]
+    assert lr_tags == ["lr"]  # AdamW's two groups share one rate: one curve
+    # stdout is not a terminal here: plain progress lines instead of a bar
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 2/12  epoch 0  train_loss ") and lines[-1].startswith("step 12/12 ")
+    for line in lines:
+        assert all(word in line for word in ("tok/s", "elapsed", "eta"))
+    assert "Tip:" not in caplog.text
+
+
+def test_progress_log_every_n_steps_or_30_s_whichever_is_later():
+    from types import SimpleNamespace
+
+    from minigpt.callbacks import ProgressLog
+
+    clock = [0.0]
+    cb = ProgressLog(interval_s=30)
+    printed = []
+    cb._print = lambda trainer, step, now: (printed.append(step), setattr(cb, "_last_step", step),
+                                            setattr(cb, "_last_time", now))  # fmt: skip
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=5, world_size=1)
+    import minigpt.callbacks as callbacks
+
+    real = callbacks.time.monotonic
+    callbacks.time.monotonic = lambda: clock[0]
+    try:
+        cb.on_train_start(trainer, None)
+        for step in range(1, 41):
+            trainer.global_step, clock[0] = step, step * 2.0  # 2 s per step: 5 steps = 10 s < 30 s
+            cb.on_train_batch_end(trainer, None, None, (torch.zeros(2, 3),), step)
+    finally:
+        callbacks.time.monotonic = real
+    assert printed == [5, 20, 35]  # first logging step, then every 30 s (15 steps), never more often
+
+
+def test_progress_bar_shows_the_version():
+    from minigpt.callbacks import ProgressBar
+
+    class Bar(ProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            return super().get_metrics(trainer, pl_module)
+
+    import lightning.pytorch.callbacks.progress.tqdm_progress as tqdm_progress
+
+    base = tqdm_progress.TQDMProgressBar.get_metrics
+    tqdm_progress.TQDMProgressBar.get_metrics = lambda self, t, m: {"v_num": 3, "train_loss": "1.0"}
+    try:
+        assert Bar().get_metrics(None, None) == {"version": 3, "train_loss": "1.0"}
+    finally:
+        tqdm_progress.TQDMProgressBar.get_metrics = base
+
+
+# -- issue 11: commands -----------------------------------------------------------------------------------------
+def test_evaluate_without_split_picks_one_the_data_has_and_says_which(tiny_ckpt, capsys):
+    main(["evaluate", "--ckpt_path", str(tiny_ckpt), "--max_docs", "3", "--json"])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout is exactly one JSON object
+    assert result["data"] == "text val" and result["documents"] == 3
+    assert "evaluating the val split" in captured.err and "--archive" in captured.err
+    assert "--data." not in captured.err  # hints name evaluate's own flags
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--ckpt_path", str(tiny_ckpt), "--split", "test"])
+    err = capsys.readouterr().err
+    assert "--archive" in err and "--data." not in err
+
+
+def test_evaluate_without_split_uses_test_of_the_official_archive(tiny_archive, run_here, capsys):
+    main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.archive", str(tiny_archive),
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    capsys.readouterr()
+    main(["evaluate", "--ckpt_path", str(run_here / "lightning_logs/version_0/checkpoints/last.ckpt"), "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["data"] == "imdb test" and "evaluating the test split" in captured.err
+
+
+def test_prepare_shows_the_default_recipe_or_the_given_config(corpus, tmp_path, capsys):
+    text = ["--data.source", "text", "--data.text_path", str(corpus)]
+    main(["prepare", *text, "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    recipe = yaml.safe_load((CONFIGS / "imdb.yaml").read_text())["data"]
+    assert (summary["block_size"], summary["sampling"]) == (recipe["block_size"], recipe["sampling"])
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"max_steps": 3}, "data": {"block_size": 7, "sampling": "random"}}))
+    main(["prepare", "--config", str(cfg), *text, "--data.batch_size", "5", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["block_size"], summary["sampling"], summary["batch_size"]) == (7, "random", 5)
+
+
+def test_generate_asks_for_prompts_on_a_terminal_and_loads_the_model_once(tiny_ckpt, monkeypatch, capsys):
+    import minigpt.commands.generate as gen
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    loads = []
+    real = gen.load_model
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    monkeypatch.setattr(sys, "stdin", Terminal("the movie was\n\n   \na film\n"))  # then Ctrl-D (end of input)
+    main(["generate", "--ckpt_path", str(tiny_ckpt), "--max_new_tokens", "3", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert out.count("prompt> ") == 5 and "the movie was " in out and "a film " in out and loads == [1]
+
+    class CtrlC(Terminal):
+        def readline(self, *args):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", CtrlC())
+    main(["generate", "--ckpt_path", str(tiny_ckpt)])  # ends cleanly, no SystemExit
+
+
+def test_generate_reads_prompts_from_stdin(tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the movie was\n\na film\n"))
+    main(["generate", "--ckpt_path", str(tiny_ckpt), "--prompt_file", "-", "--max_new_tokens", "3", "--json"])
+    assert [r["prompt"] for r in json.loads(capsys.readouterr().out)["samples"]] == ["the movie was", "a film"]
+
+
+def test_generate_never_pad_and_unk_only_when_allowed(tiny_ckpt, tmp_path, capsys):
+    from minigpt.checkpoint import tokenizer_of
+
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    tok = tokenizer_of(ckpt)
+    head = ckpt["state_dict"]["model.lm_head.bias"]
+    ckpt["state_dict"]["model.lm_head.weight"].zero_()
+    head.zero_()
+    head[tok.pad_index], head[tok.unk_index], head[tok.stoi["movie"]] = 30.0, 20.0, 10.0  # pad > unk > a word
+    path = tmp_path / "unk.ckpt"
+    torch.save(ckpt, path)
+    args = ["generate", "--ckpt_path", str(path), "--prompt", "the", "--max_new_tokens", "4", "--temperature", "0"]
+    main(args)
+    assert capsys.readouterr().out.strip() == "the movie movie movie movie"
+    main([*args, "--allow_unk"])
+    assert capsys.readouterr().out.strip() == "the <unk> <unk> <unk> <unk>"
+
+
+def test_only_user_errors_are_one_line_and_minigpt_debug_shows_the_traceback(monkeypatch, capsys):
+    import minigpt.commands.plot as plot_command
+
+    def broken(**kwargs):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(plot_command, "plot", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["plot"])
+    monkeypatch.setenv("MINIGPT_DEBUG", "1")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt_path", "/no/such.ckpt", "--prompt", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("minigpt: error: checkpoint /no/such.ckpt")
+
+
+def test_generate_and_evaluate_never_import_lightning_or_transformers(tiny_ckpt, corpus):
+    code = f"""
+import sys
+from minigpt.cli import main
+main(["--help"])
+assert "torch" not in sys.modules, "--help imported torch"
+main(["generate", "--ckpt_path", {str(tiny_ckpt)!r}, "--prompt", "the movie", "--max_new_tokens", "3"])
+main(["evaluate", "--ckpt_path", {str(tiny_ckpt)!r}, "--text_file", {str(corpus)!r}, "--max_docs", "2"])
+main(["evaluate", "--ckpt_path", {str(tiny_ckpt)!r}, "--max_docs", "2"])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "transformers"))
+assert not heavy, heavy
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("bits/char") == 2
+
+
+def test_tests_run_with_a_temporary_home_and_data_cache(tiny_ckpt, _isolated_home):
+    home, session_cache = _isolated_home
+    assert Path(os.environ["HOME"]) == home and Path(os.environ["MINIGPT_CACHE"]) != session_cache  # per test
+    assert any(session_cache.iterdir())  # the module-scoped fixture's data went to the session cache
+    assert not (home / ".cache" / "minigpt").exists()
+
+
+def test_license_matches_pyproject():
+    project = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "MIT"' in project
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_checkpoint_files_get_normal_permissions(tmp_path):
+    from minigpt.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode) == 0o644
+
+
+def test_a_terminal_keeps_its_progress_bar(corpus, run_here, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus),
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])  # fmt: skip
+    shown = screen.getvalue()
+    assert "version" in shown and "v_num" not in shown  # the bar, naming the run's version
+    assert not [line for line in shown.splitlines() if line.startswith("step ")]  # no plain progress lines

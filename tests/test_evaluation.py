@@ -23,7 +23,8 @@ def test_bits_per_character_by_hand():
     model = GPT(GPTConfig.tiny(vocab_size=len(vocab), block_size=4)).eval()
     docs = [vocab.encode(t) for t in text]
     ids, offsets = flatten(docs)
-    r = evaluate_ids(model, ids, offsets, sum(map(len, text)), unk_index=0)
+    specials = dict(unk_index=0, eot_index=vocab.eot_index, pad_index=vocab.pad_index)
+    r = evaluate_ids(model, ids, offsets, sum(map(len, text)), **specials)
     # by hand: each document is <eot> w1 .. wn <eot>, scored window by window (block 4)
     nll, n = 0.0, 0
     for d in docs:
@@ -45,8 +46,9 @@ def test_stride_gives_context_but_scores_each_token_once():
     vocab = Vocab.build(["a b c d e f g h i j k l m n o p"])
     model = GPT(GPTConfig.tiny(vocab_size=len(vocab), block_size=8)).eval()
     ids, offsets = flatten([vocab.encode("a b c d e f g h i j k l m n o p q")])
-    plain = evaluate_ids(model, ids, offsets, 33, unk_index=0)
-    strided = evaluate_ids(model, ids, offsets, 33, unk_index=0, stride=2)
+    specials = dict(unk_index=0, eot_index=vocab.eot_index, pad_index=vocab.pad_index)
+    plain = evaluate_ids(model, ids, offsets, 33, **specials)
+    strided = evaluate_ids(model, ids, offsets, 33, **specials, stride=2)
     assert plain.tokens == strided.tokens == 18
     assert plain.unk_rate == pytest.approx(1 / 18)  # "q" is unknown
     assert strided.loss != plain.loss

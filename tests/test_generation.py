@@ -6,18 +6,21 @@ where a comparison would otherwise be trivial.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from minigpt import tokenizer as tokenizer_module
 from minigpt.config import GPTConfig
+from minigpt.errors import UserError
 from minigpt.generation import (
-    EOT_ID,
-    DecodeHead,
     GenerationResult,
+    SamplingConfig,
+    banned_special_ids,
     check_sampling,
     encode_prompt,
     generate,
@@ -25,6 +28,7 @@ from minigpt.generation import (
     sample_next,
     stream,
 )
+from minigpt.kernels import PackedHead, decode_head, packed_head
 from minigpt.model import GPT
 from minigpt.tokenizer import Vocab
 
@@ -51,9 +55,14 @@ def vocab() -> Vocab:
     return Vocab(list(tokenizer_module.SPECIALS) + WORDS)
 
 
+def cfg(**kwargs) -> SamplingConfig:
+    """A `SamplingConfig` that changes nothing but what is given (plain softmax sampling otherwise)."""
+    return SamplingConfig(**{"temperature": 1.0, "top_k": None, "top_p": None, **kwargs})
+
+
 def greedy(model: GPT, prompts, n: int, **kwargs) -> list[list[int]]:
     kwargs.setdefault("stop_ids", None)
-    return [r.tokens for r in generate(model, prompts, max_new_tokens=n, temperature=0, **kwargs)]
+    return [r.tokens for r in generate(model, prompts, SamplingConfig.greedy(n), **kwargs)]
 
 
 # -- prompts -----------------------------------------------------------------------------------------
@@ -102,17 +111,18 @@ def test_many_unknown_words_are_truncated_in_the_warning(vocab):
 # -- one sampling step -------------------------------------------------------------------------------
 
 
-def draw(logits: torch.Tensor, n: int = 4000, seed: int = 0, **kwargs) -> torch.Tensor:
+def draw(logits: torch.Tensor, n: int = 4000, seed: int = 0, prev_ids=None, **kwargs) -> torch.Tensor:
     """n independent draws from one row of scores (the row repeated as a batch)."""
     g = torch.Generator().manual_seed(seed)
-    return sample_next(logits.expand(n, -1), generator=g, **kwargs)
+    return sample_next(logits.expand(n, -1), cfg(**kwargs), prev_ids=prev_ids, generator=g)
 
 
 def test_temperature_zero_is_argmax():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
     expected = logits.argmax(-1)
-    assert torch.equal(sample_next(logits, temperature=0), expected)
-    assert torch.equal(sample_next(logits, temperature=0, top_k=3, top_p=0.5), expected)
+    assert torch.equal(sample_next(logits, cfg(temperature=0)), expected)
+    assert torch.equal(sample_next(logits, cfg(temperature=0, top_k=3, top_p=0.5)), expected)
+    assert torch.equal(sample_next(logits, SamplingConfig.greedy()), expected)
 
 
 def test_top_k_one_is_argmax():
@@ -158,8 +168,8 @@ def test_temperature_sharpens_and_flattens():
 
 def test_same_generator_seed_same_draws():
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
-    a = sample_next(logits, generator=torch.Generator().manual_seed(7))
-    b = sample_next(logits, generator=torch.Generator().manual_seed(7))
+    a = sample_next(logits, cfg(), generator=torch.Generator().manual_seed(7))
+    b = sample_next(logits, cfg(), generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
@@ -167,11 +177,11 @@ def test_repetition_penalty_matches_the_hugging_face_rule():
     logits = torch.tensor([[2.0, 1.5, -1.0, -1.2, 0.0]])
     prev = torch.tensor([[0, 2, 0]])  # token 0 seen twice: penalised once, like HF
     # 2.0 / 2 = 1.0 < 1.5: the seen best token loses its place.
-    assert sample_next(logits, temperature=0, repetition_penalty=2.0, prev_ids=prev).item() == 1
-    assert sample_next(logits, temperature=0, repetition_penalty=1.0, prev_ids=prev).item() == 0
+    assert sample_next(logits, cfg(temperature=0, repetition_penalty=2.0), prev_ids=prev).item() == 1
+    assert sample_next(logits, cfg(temperature=0, repetition_penalty=1.0), prev_ids=prev).item() == 0
     # Negative scores are multiplied: -1.0 * 2 = -2.0 is now below -1.2.
     only_negative = torch.tensor([[-1.0, -1.2]])
-    assert sample_next(only_negative, temperature=0, repetition_penalty=2.0, prev_ids=torch.tensor([[0]])) == 1
+    assert sample_next(only_negative, cfg(temperature=0, repetition_penalty=2.0), prev_ids=torch.tensor([[0]])) == 1
     # The exact distribution: penalised scores, then softmax.
     penalised = torch.tensor([1.0, 1.5, -2.0, -1.2, 0.0])
     ids = draw(logits, 40000, repetition_penalty=2.0, prev_ids=prev.expand(40000, -1))
@@ -181,7 +191,7 @@ def test_repetition_penalty_matches_the_hugging_face_rule():
 
 def test_repetition_penalty_below_one_encourages_repeats():
     logits = torch.tensor([[2.0, 1.5]])
-    assert sample_next(logits, temperature=0, repetition_penalty=0.5, prev_ids=torch.tensor([[1]])) == 1
+    assert sample_next(logits, cfg(temperature=0, repetition_penalty=0.5), prev_ids=torch.tensor([[1]])) == 1
 
 
 BAD_SAMPLING = [
@@ -195,20 +205,30 @@ BAD_SAMPLING = [
 @pytest.mark.parametrize(("name", "value"), BAD_SAMPLING)
 def test_invalid_sampling_values_raise(name, value):
     match = rf"{name} must be .*got {repr(value)[:4]}"
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         check_sampling(**{name: value})
-    with pytest.raises(ValueError, match=match):
-        sample_next(torch.zeros(1, 5), **{name: value})
-    model = make_model()
-    with pytest.raises(ValueError, match=match):
-        generate(model, [3, 4], max_new_tokens=2, **{name: value})
-    with pytest.raises(ValueError, match=match):
-        stream(model, [3, 4], **{name: value})  # at the call, not at the first step
+    with pytest.raises(UserError, match=match):
+        SamplingConfig(**{name: value})  # the one check every entry point goes through
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.0, True, None])
+def test_max_new_tokens_is_checked_by_the_config(value):
+    with pytest.raises(UserError, match=rf"max_new_tokens must be an integer >= 1, got {value!r}"):
+        SamplingConfig(max_new_tokens=value)
 
 
 def test_valid_edge_values_are_accepted():
-    check_sampling(temperature=0, top_k=1, top_p=1.0, repetition_penalty=1e-3)
-    check_sampling(temperature=100.0, top_k=10**9, top_p=1e-6, repetition_penalty=50)
+    logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(4))
+    for settings in (
+        dict(max_new_tokens=1, temperature=0, top_k=1, top_p=1.0, repetition_penalty=1e-3),
+        dict(max_new_tokens=10**6, temperature=100.0, top_k=10**9, top_p=1e-6, repetition_penalty=50),
+    ):
+        config = SamplingConfig(**settings)
+        ids = sample_next(logits, config, prev_ids=torch.tensor([[0], [1]]), generator=torch.Generator())
+        assert ids.shape == (2,) and ids.dtype == torch.long and bool(((ids >= 0) & (ids < 40)).all())
+    # top_k=1 and the tiny top_p both keep only the best token; the penalty flips nothing here.
+    assert torch.equal(sample_next(logits, SamplingConfig(top_k=1)), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, cfg(top_p=1e-6)), logits.argmax(-1))
 
 
 @pytest.mark.parametrize(
@@ -219,12 +239,22 @@ def test_valid_edge_values_are_accepted():
         ([3, 32], {}, r"32, not a token id .*\[0, 32\)"),
         ([3, -1], {}, "-1, not a token id"),
         ("the movie", {}, "list of token ids"),
-        ([3], {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+        ([3], {"banned_ids": [32]}, r"banned_ids must be some \(not all\) ids in \[0, 32\)"),
+        ([3], {"banned_ids": range(32)}, r"banned_ids must be some \(not all\)"),
     ],
 )
 def test_invalid_loop_arguments_raise(prompt_ids, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        generate(make_model(), prompt_ids, **kwargs)
+    model = make_model()
+    with pytest.raises(UserError, match=match):
+        generate(model, prompt_ids, stop_ids=None, **kwargs)
+    with pytest.raises(UserError, match=match):
+        stream(model, prompt_ids, stop_ids=None, **kwargs)  # at the call, not at the first step
+
+
+def test_stop_ids_must_be_given():
+    # No default stop id: minigpt's word vocabulary and GPT-2's BPE end texts with different ids.
+    with pytest.raises(TypeError, match="stop_ids"):
+        generate(make_model(), [3, 4], SamplingConfig.greedy(2))
 
 
 # -- the loop, the KV cache, batches -----------------------------------------------------------------
@@ -281,7 +311,7 @@ def test_batched_sampling_is_reproducible_and_rows_differ():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return [r.tokens for r in generate(model, prompts, max_new_tokens=15, generator=g, stop_ids=None)]
+        return [r.tokens for r in generate(model, prompts, cfg(max_new_tokens=15), generator=g, stop_ids=None)]
 
     a = run(0)
     assert a == run(0)
@@ -293,24 +323,38 @@ def test_same_seed_same_text_different_seed_different_text():
 
     def run(seed, **kw):
         g = torch.Generator().manual_seed(seed)
-        return generate(model, [5, 6, 7], max_new_tokens=20, generator=g, stop_ids=None, **kw)[0].tokens
+        return generate(model, [5, 6, 7], cfg(max_new_tokens=20, **kw), generator=g, stop_ids=None)[0].tokens
 
     assert run(0) == run(0)
     assert run(0, top_k=5, top_p=0.9, temperature=0.8) == run(0, top_k=5, top_p=0.9, temperature=0.8)
     assert len({tuple(run(seed)) for seed in range(5)}) > 1
 
 
-def test_eot_stops_generation_by_default():
+def test_stop_id_ends_generation():
     model = make_model(vocab_size=32)
-    assert EOT_ID == tokenizer_module.EOT_ID
+    stop = 2
     with torch.no_grad():
-        model.lm_head.bias[EOT_ID] = 100.0  # <|endoftext|> wins every step
-    (result,) = generate(model, [5, 6, 7], max_new_tokens=10, temperature=0)
+        model.lm_head.bias[stop] = 100.0  # the stop token wins every step
+    (result,) = generate(model, [5, 6, 7], SamplingConfig.greedy(10), stop_ids=[stop])
     assert result == GenerationResult(tokens=[], stop_reason="eos")
-    (result,) = generate(model, [5, 6, 7], max_new_tokens=10, temperature=0.7, top_k=5)
+    (result,) = generate(model, [5, 6, 7], cfg(max_new_tokens=10, temperature=0.7, top_k=5), stop_ids=[stop])
     assert result.stop_reason == "eos" and result.tokens == []
-    (result,) = generate(model, [5, 6, 7], max_new_tokens=4, temperature=0, stop_ids=None)
-    assert result == GenerationResult(tokens=[EOT_ID] * 4, stop_reason="length")
+    (result,) = generate(model, [5, 6, 7], SamplingConfig.greedy(4), stop_ids=None)
+    assert result == GenerationResult(tokens=[stop] * 4, stop_reason="length")
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig.greedy(12), SamplingConfig(max_new_tokens=12, temperature=2.0)])
+def test_banned_ids_are_never_chosen(sampling):
+    model = make_model(vocab_size=32)
+    with torch.no_grad():
+        model.lm_head.bias[[0, 1]] = 100.0  # ids 0 and 1 would win every step
+    (free,) = generate(model, [5, 6, 7], sampling, stop_ids=None, generator=torch.Generator().manual_seed(0))
+    assert set(free.tokens) <= {0, 1}
+    results = generate(
+        model, [[5, 6, 7], [8]], sampling, stop_ids=None, banned_ids=[0, 1], generator=torch.Generator()
+    )  # fmt: skip
+    for result in results:
+        assert len(result.tokens) == 12 and not {0, 1} & set(result.tokens)
 
 
 def test_configurable_stop_ids_end_each_row_at_its_own_step():
@@ -318,7 +362,7 @@ def test_configurable_stop_ids_end_each_row_at_its_own_step():
     prompts = [[5, 9, 3], [30, 2, 11]]
     full = greedy(model, prompts, 20)
     stop = full[0][3]  # a token row 0 produces at step 3
-    results = generate(model, prompts, max_new_tokens=20, temperature=0, stop_ids=[stop])
+    results = generate(model, prompts, SamplingConfig.greedy(20), stop_ids=[stop])
     for result, tokens in zip(results, full):
         cut = tokens.index(stop) if stop in tokens else len(tokens)
         assert result.tokens == tokens[:cut]
@@ -330,9 +374,8 @@ def test_stream_yields_the_tokens_of_generate_step_by_step():
     model = make_model()
     prompts = [[5, 9, 3], [30, 2, 11, 4]]
     stop = greedy(model, prompts, 20)[1][5]
-    kwargs = dict(max_new_tokens=20, temperature=0, stop_ids=[stop])
-    steps = list(stream(model, prompts, **kwargs))
-    results = generate(model, prompts, **kwargs)
+    steps = list(stream(model, prompts, SamplingConfig.greedy(20), stop_ids=[stop]))
+    results = generate(model, prompts, SamplingConfig.greedy(20), stop_ids=[stop])
     for row, result in enumerate(results):
         column = [step[row] for step in steps]
         chosen = [t for t in column if t is not None]
@@ -348,7 +391,7 @@ def test_stream_is_lazy_and_restores_the_model():
     model.train()
     calls = []
     model.transformer.h[0].register_forward_hook(lambda *args: calls.append(1))
-    steps = stream(model, [5, 9, 3], max_new_tokens=5, temperature=0, stop_ids=None)
+    steps = stream(model, [5, 9, 3], SamplingConfig.greedy(5), stop_ids=None)
     assert calls == []
     first = next(steps)
     assert len(calls) == 1 and len(first) == 1 and isinstance(first[0], int)
@@ -362,31 +405,70 @@ def test_generate_restores_mode_and_leaves_weights_alone():
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    generate(model, [5, 9], max_new_tokens=5)
+    generate(model, [5, 9], SamplingConfig(max_new_tokens=5), stop_ids=[2])
     assert model.training
     model.eval()
-    generate(model, [5, 9], max_new_tokens=5)
+    generate(model, [5, 9], SamplingConfig(max_new_tokens=5), stop_ids=[2])
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(("vocab_size", "bias"), [(32, True), (33, True), (33, False)])
-def test_decode_head_equals_the_model_head(vocab_size, bias):
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_packed_head_equals_the_plain_head(vocab_size, bias, splits):
     model = make_model(vocab_size=vocab_size, lm_head_bias=bias)
-    head = DecodeHead(model, 1)
-    assert head.packed is not None  # the CPU float32 path is the one under test
-    h = torch.randn(1, model.config.n_embd)
+    h = torch.randn(3, model.config.n_embd)
+    packed = PackedHead(model.lm_head.weight, model.lm_head.bias, splits)
     with torch.inference_mode():
-        torch.testing.assert_close(head(h), model.head_logits(h))
-    assert DecodeHead(model, 1).packed is head.packed  # kept between generations...
+        torch.testing.assert_close(packed(h), model.head_logits(h))
+        torch.testing.assert_close(packed(h[:1]), model.head_logits(h[:1]))
+
+
+def test_packed_head_copy_is_kept_until_the_weights_change():
+    model = make_model(vocab_size=33)
+    h = torch.randn(1, model.config.n_embd)
+    head = decode_head(model, 1, "packed")
+    assert isinstance(head, PackedHead) and packed_head(model) is head  # kept between generations...
     with torch.no_grad():
         model.lm_head.weight.mul_(-2.0)  # ...until the weights change (e.g. an optimizer step)
-        if bias:
-            model.lm_head.bias.add_(1.0)
-    head = DecodeHead(model, 1)
+        model.lm_head.bias.add_(1.0)
+    head = decode_head(model, 1, "packed")
     with torch.inference_mode():
         torch.testing.assert_close(head(h), model.head_logits(h))
-    assert DecodeHead(model, 2).packed is None  # batches use the model's own head
+    assert decode_head(model, 1, "plain") == model.head_logits
+    assert decode_head(model, 4, "auto") in (model.head_logits, packed_head(model))  # whichever measured faster
+    adaptive = make_model(head="adaptive", adaptive_cutoffs=(8, 16))
+    assert decode_head(adaptive, 1, "auto") == adaptive.head_logits
+    with pytest.raises(UserError, match="packed head needs a linear head"):
+        decode_head(adaptive, 1, "packed")
+
+
+def test_packed_head_under_bf16_autocast_stays_within_bf16_rounding():
+    model = make_model(vocab_size=33)
+    h = torch.randn(2, model.config.n_embd)
+    packed = PackedHead(model.lm_head.weight, model.lm_head.bias, 2)
+    with torch.inference_mode():
+        exact = model.head_logits(h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain, fast = model.head_logits(h), packed(h)
+    # bf16 keeps 8 bits of mantissa: each product is off by up to ~2^-8 of its size.
+    tolerance = 2**-7 * float(exact.abs().max()) + 1e-3
+    torch.testing.assert_close(fast.float(), exact, atol=tolerance, rtol=0)
+    torch.testing.assert_close(plain.float(), exact, atol=tolerance, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole loop runs under autocast too
+        tokens = greedy(model, [[5, 9, 3], [4]], 8, head="packed")
+        assert tokens == greedy(model, [[5, 9, 3], [4]], 8, head="plain")
+    assert all(len(t) == 8 for t in tokens)
+
+
+@pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2"])
+def test_generation_with_the_packed_head_equals_the_plain_head(arch):
+    model = make_model(**ARCHITECTURES[arch])
+    prompts = [[5, 9, 3, 12, 7], [4, 8]]
+    for batch in (prompts[:1], prompts):
+        plain = greedy(model, batch, 25, head="plain")
+        assert greedy(model, batch, 25, head="packed") == plain
+        assert greedy(model, batch, 25, head="auto") == plain
 
 
 # -- text --------------------------------------------------------------------------------------------
@@ -394,13 +476,60 @@ def test_decode_head_equals_the_model_head(vocab_size, bias):
 
 def test_generate_text_decodes_tidy_or_raw(vocab):
     model = make_model(vocab_size=len(vocab))
-    kwargs = dict(max_new_tokens=12, temperature=0)
     ids = encode_prompt(vocab, "the movie was", block_size=16)
-    (result,) = generate(model, ids, stop_ids=[vocab.eot_index], **kwargs)
+    (result,) = generate(
+        model, ids, SamplingConfig.greedy(12), stop_ids=[vocab.eot_index], banned_ids=banned_special_ids(vocab)
+    )  # fmt: skip
     assert result.tokens, "the continuation should not be empty"
-    raw = generate_text(model, vocab, "The movie was", raw=True, **kwargs)
-    tidy = generate_text(model, vocab, "The movie was", **kwargs)
+    raw = generate_text(model, vocab, "The movie was", SamplingConfig.greedy(12), raw=True)
+    tidy = generate_text(model, vocab, "The movie was", SamplingConfig.greedy(12))
     assert raw == vocab.decode(result.tokens)
     assert tidy == vocab.decode(result.tokens, tidy=True)
     with pytest.raises(ValueError, match="prompt is empty"):
-        generate_text(model, vocab, "  ", **kwargs)
+        generate_text(model, vocab, "  ")
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig.greedy(10), SamplingConfig(max_new_tokens=10, temperature=1.5)])
+def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
+    model = make_model(vocab_size=len(vocab))
+    with torch.no_grad():  # a lightly trained model: <unk> and <pad> are the likeliest tokens
+        model.lm_head.bias[vocab.unk_index] = 50.0
+        model.lm_head.bias[vocab.pad_index] = 60.0
+    pad, unk = vocab.itos[vocab.pad_index], vocab.itos[vocab.unk_index]
+    text = generate_text(model, vocab, "the movie was", sampling, generator=torch.Generator().manual_seed(0), raw=True)
+    assert pad not in text and unk not in text and len(text.split()) == 10
+    text = generate_text(model, vocab, "the movie", sampling, generator=torch.Generator(), allow_unk=True, raw=True)
+    assert text.split() == [unk] * 10
+    assert banned_special_ids(vocab) == (vocab.pad_index, vocab.unk_index)
+
+
+# -- the benchmark script ----------------------------------------------------------------------------
+
+
+def test_bench_generate_compares_like_with_like(monkeypatch):
+    """Every contender gets the same prompt and makes the same number of tokens of the same function;
+    the cold row starts from no packed head and no head measurement."""
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, value in dict(VOCAB=64, WIDTH=16, LAYERS=1, HEADS=2, BLOCK=16, PROMPT=4).items():
+        monkeypatch.setattr(bench, name, value)
+    n = 6
+    r = bench.bench(n, repeats=1, device=torch.device("cpu"), batches=(3,))
+    for key in (
+        "minigpt_tok_s", "tutorial_loop_tok_s", "recompute_last_tok_s", "hf_generate_tok_s", "hf_loop_tok_s",
+        "bandwidth_bound_tok_s", "vs_tutorial", "vs_hf", "minigpt_batch3_tok_s", "hf_batch3_tok_s",
+    ):  # fmt: skip
+        assert r[key] > 0, key
+    assert r["vs_hf"] == pytest.approx(r["minigpt_tok_s"] / r["hf_generate_tok_s"], rel=0.01)
+    singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
+    assert len(singles) == 6  # five contenders and the cold call
+    assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1
+    assert all(run["new_tokens"] == [n] for run in singles.values())
+    assert bench.agreement(r["runs"]) == dict.fromkeys(singles, 1.0)  # one function: the same greedy text
+    batch = [run for name, run in r["runs"].items() if name.endswith("batch 3")]
+    assert len(batch) == 2 and batch[0]["prompts"] == batch[1]["prompts"] and len(batch[0]["prompts"]) == 3
+    assert all(run["new_tokens"] == [n] * 3 for run in batch)
+    assert r["cold_cache"][0] == 0 < r["cold_cache"][1]  # the packed copy and measurement were made in the timed call

@@ -20,26 +20,29 @@ tokenizers = pytest.importorskip("tokenizers")
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from minigpt.bpe import BpeTokenizer  # noqa: E402
+from minigpt.checkpoint import load_model, new_checkpoint, save_checkpoint  # noqa: E402
 from minigpt.config import GPTConfig  # noqa: E402
-from minigpt.data.samples import flatten  # noqa: E402
-from minigpt.evaluation import evaluate_ids  # noqa: E402
-from minigpt.generation import generate, generate_text  # noqa: E402
-from minigpt.hf import (  # noqa: E402
+from minigpt.convert import (  # noqa: E402
     check_gpt2_exportable,
     convert_from_hf,
     convert_to_hf,
     gpt2_config_to_minigpt,
     gpt2_to_minigpt,
+    minigpt_to_gpt2,
+)
+from minigpt.data.samples import flatten  # noqa: E402
+from minigpt.evaluation import evaluate_ids  # noqa: E402
+from minigpt.generation import SamplingConfig, generate, generate_text  # noqa: E402
+from minigpt.hf import (  # noqa: E402
     hf_bits_per_character,
+    hf_generate,
     hf_generate_text,
     load_hf_gpt2,
     minigpt_bits_per_character,
-    minigpt_checkpoint,
-    minigpt_to_gpt2,
 )
-from minigpt.lit_module import LitMiniGPT, load_model, tokenizer_from_dict  # noqa: E402
+from minigpt.lit_module import LitMiniGPT  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
-from minigpt.tokenizer import Vocab  # noqa: E402
+from minigpt.tokenizer import Vocab, tokenizer_from_dict  # noqa: E402
 
 TEXTS = [
     "The movie was great, I loved every minute of it!",
@@ -192,6 +195,7 @@ def test_unsupported_gpt2_options_are_refused():
 def test_convert_from_hf_checkpoint_round_trip(hf_dir, hf_pair, converted_ckpt, tmp_path):
     ckpt = torch.load(converted_ckpt, weights_only=True)  # plain data only
     assert ckpt["minigpt"]["tokenizer"]["kind"] == "bpe"
+    assert set(ckpt["minigpt"]) == {"format", "tokenizer", "data"}  # written by minigpt.checkpoint, nothing extra
     assert ckpt["hyper_parameters"]["config"]["vocab_size"] == 300
     hf_model, _ = hf_pair
     model, tok = load_model(str(converted_ckpt))
@@ -257,7 +261,7 @@ def test_gpt2_flavour_built_in_minigpt_exports_exactly():
 def test_word_vocab_checkpoint_exports_a_word_level_tokenizer(tmp_path):
     vocab = Vocab.build(TEXTS)
     model = GPT(GPTConfig.gpt2(vocab_size=len(vocab), block_size=16, n_embd=32, n_layer=1, n_head=4)).eval()
-    torch.save(minigpt_checkpoint(model, vocab), tmp_path / "word.ckpt")
+    save_checkpoint(new_checkpoint(model, vocab), tmp_path / "word.ckpt")
     out = convert_to_hf(tmp_path / "word.ckpt", tmp_path / "word_hf")
     hf_tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     text = 'The MOVIE was great... It\'s <br />not (very) good; "fun": unknownword!'
@@ -287,7 +291,7 @@ def test_non_gpt2_flavours_refuse_export(overrides, message):
 def test_seed_checkpoint_refuses_convert_to_hf(tmp_path):
     vocab = Vocab.build(TEXTS)
     model = GPT(GPTConfig.seed(vocab_size=len(vocab), block_size=8, n_embd=16, n_head=2, d_ff=32))
-    torch.save(minigpt_checkpoint(model, vocab), tmp_path / "seed.ckpt")
+    save_checkpoint(new_checkpoint(model, vocab), tmp_path / "seed.ckpt")
     with pytest.raises(ValueError, match="post-norm.*no bias.*sqrt"):
         convert_to_hf(tmp_path / "seed.ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -307,7 +311,7 @@ def test_greedy_generation_matches_hf_generate(hf_pair, use_cache):
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         generation_config=GenerationConfig(do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=0),
     )[0, len(prompt) :].tolist()
-    (result,) = generate(model, prompt, max_new_tokens=n_new, temperature=0, stop_ids=None, use_cache=use_cache)
+    (result,) = generate(model, prompt, SamplingConfig.greedy(n_new), stop_ids=None, use_cache=use_cache)
     assert len(expected) == n_new and len(set(expected)) > 5  # a real sequence, not one repeated token
     assert result.tokens == expected
 
@@ -317,18 +321,73 @@ def test_hf_generate_text_uses_minigpt_sampling(hf_pair):
     model = gpt2_to_minigpt(hf_model)
     # Greedy: the same text as minigpt's converted model, also past the context (the window slides).
     for n in (10, 80):
-        assert hf_generate_text(hf_model, tok, "It's not", max_new_tokens=n, temperature=0) == generate_text(
-            model, tok, "It's not", max_new_tokens=n, temperature=0
-        )
-    assert hf_generate_text(hf_model, tok, "It's not", max_new_tokens=20, temperature=0, use_cache=False) == (
-        hf_generate_text(hf_model, tok, "It's not", max_new_tokens=20, temperature=0)
+        greedy = SamplingConfig.greedy(n)
+        assert hf_generate_text(hf_model, tok, "It's not", greedy) == generate_text(model, tok, "It's not", greedy)
+    greedy = SamplingConfig.greedy(20)
+    assert hf_generate_text(hf_model, tok, "It's not", greedy, use_cache=False) == (
+        hf_generate_text(hf_model, tok, "It's not", greedy)
     )
-    settings = dict(max_new_tokens=20, temperature=0.7, top_k=50, top_p=0.95)
-    a = hf_generate_text(hf_model, tok, "The movie", generator=torch.Generator().manual_seed(1), **settings)
-    b = hf_generate_text(hf_model, tok, "The movie", generator=torch.Generator().manual_seed(1), **settings)
-    assert a == b
-    with pytest.raises(ValueError, match="top_p"):
-        hf_generate_text(hf_model, tok, "The movie", top_p=1.5)
+    settings = SamplingConfig(max_new_tokens=20, temperature=0.7, top_k=50, top_p=0.95)
+    a = hf_generate_text(hf_model, tok, "The movie", settings, generator=torch.Generator().manual_seed(1))
+    b = hf_generate_text(hf_model, tok, "The movie", settings, generator=torch.Generator().manual_seed(1))
+    c = generate_text(model, tok, "The movie", settings, generator=torch.Generator().manual_seed(1))
+    assert a == b == c  # the same loop and sampler: the same draws
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_hf_generate_batches_left_padded_prompts_like_minigpt(hf_pair, use_cache):
+    hf_model, tok = hf_pair
+    model = gpt2_to_minigpt(hf_model)
+    prompts = [tok.encode("The movie was great"), tok.encode("It"), tok.encode("A terrible film. Don't")]
+    greedy = SamplingConfig.greedy(70)  # the longest prompt slides past the 64-token context
+    batched = [r.tokens for r in hf_generate(hf_model, prompts, greedy, stop_ids=None, use_cache=use_cache)]
+    alone = [hf_generate(hf_model, p, greedy, stop_ids=None)[0].tokens for p in prompts]
+    assert batched == alone == [r.tokens for r in generate(model, prompts, greedy, stop_ids=None)]
+    assert len({tuple(t) for t in alone}) == 3
+
+
+# -- special ids come from the tokenizer -----------------------------------------------------------
+
+
+def _gpt2_like_bpe() -> BpeTokenizer:
+    """A byte-level BPE whose end-of-text token is its last id, as in GPT-2 (50256): ids 0, 1, 2 are '!', '"', '#'."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS, vocab_size=300, min_frequency=1, show_progress=False)
+    bpe.add_special_tokens([EOT])
+    return BpeTokenizer(bpe._tokenizer)
+
+
+def test_bpe_generation_and_evaluation_take_special_ids_from_the_tokenizer():
+    tok = _gpt2_like_bpe()
+    assert tok.encode('!"#') == [0, 1, 2] and tok.eot_index == len(tok) - 1 == tok.pad_index
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(vocab_size=len(tok), block_size=16)).eval()
+    with torch.no_grad():
+        model.lm_head.bias[2] = 100.0  # '#' (minigpt's word-vocabulary <|endoftext|> id) wins every step
+    assert generate_text(model, tok, "The movie", SamplingConfig.greedy(5)) == "#####"  # no stop at id 2
+    with torch.no_grad():
+        model.lm_head.bias[2] = 0.0
+        model.lm_head.bias[tok.eot_index] = 100.0  # the tokenizer's own end of text stops at once
+    assert generate_text(model, tok, "The movie", SamplingConfig.greedy(5)) == ""
+    # Evaluation: every '"' (id 1, minigpt's word-vocabulary <pad>) is scored, and each document is
+    # wrapped in the tokenizer's <|endoftext|>.
+    texts = ['He said "great"!', '"""', "It's #1"]
+    nll = 0.0
+    for text in texts:
+        s = torch.tensor([[tok.eot_index, *tok.encode(text), tok.eot_index]])
+        assert s.size(1) <= 17  # one window of block_size 16
+        with torch.no_grad():
+            nll -= float(model(s[:, :-1]).log_softmax(-1)[0].gather(1, s[0, 1:, None]).sum())
+    ids, offsets = flatten([tok.encode(t) for t in texts])
+    assert int((torch.from_numpy(ids) == 1).sum()) >= 5
+    chars = sum(map(len, texts))
+    by_ids = evaluate_ids(
+        model, ids, offsets, chars, unk_index=tok.unk_index, eot_index=tok.eot_index, pad_index=tok.pad_index
+    )  # fmt: skip
+    by_text = minigpt_bits_per_character(model, tok, texts)
+    for r in (asdict(by_ids), by_text):
+        assert r["tokens"] == len(ids) + len(texts)
+        assert r["bits_per_character"] == pytest.approx(nll / math.log(2) / chars, rel=1e-5)
 
 
 # -- bits per character -----------------------------------------------------------------------------
@@ -371,7 +430,12 @@ def test_minigpt_bits_per_character_equals_evaluate(stride):
     model = GPT(GPTConfig.tiny(vocab_size=len(vocab), block_size=8)).eval()
     texts = TEXTS[:4]
     ids, offsets = flatten([vocab.encode(t) for t in texts])
-    expected = asdict(evaluate_ids(model, ids, offsets, sum(map(len, texts)), unk_index=vocab.unk_index, stride=stride))
+    expected = asdict(
+        evaluate_ids(
+            model, ids, offsets, sum(map(len, texts)), unk_index=vocab.unk_index, eot_index=vocab.eot_index,
+            pad_index=vocab.pad_index, stride=stride,
+        )
+    )  # fmt: skip
     got = minigpt_bits_per_character(model, vocab, texts, stride=stride)
     for key in ("documents", "characters", "tokens", "unk_rate"):
         assert got[key] == expected[key]

@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import review
 from test_hf import EOT, _tiny_gpt2, _train_bpe
 
+from minigpt.checkpoint import load_model
 from minigpt.cli import main
-from minigpt.lit_module import load_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,13 +21,6 @@ def hf_dir(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT).save_pretrained(folder)
     _tiny_gpt2(tok.get_vocab_size(), tok.token_to_id(EOT)).save_pretrained(folder)
     return folder
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "reviews.txt"
-    p.write_text("\n\n".join(review(i, 10 + (i % 4) * 3) for i in range(40)))
-    return p
 
 
 def test_convert_both_ways_from_the_command_line(hf_dir, tmp_path, capsys):
@@ -69,8 +61,7 @@ def test_compare_prints_both_and_json_parses(hf_dir, tmp_path, corpus, capsys):
     capsys.readouterr()
     main(["compare", "--ckpt_path", str(ckpt), "--hf_model", str(hf_dir), "--prompt", "the movie was",
           "--text_file", str(corpus), "--max_docs", "5", "--max_new_tokens", "8", "--json"])  # fmt: skip
-    out = capsys.readouterr().out
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
     (sample,) = result["samples"]
     # the converted model is the HF model: same sampler, same seed, same text
     assert sample["minigpt"] == sample["hf"] and sample["prompt"] == "the movie was"
@@ -88,7 +79,7 @@ def test_fine_tune_a_converted_gpt2_with_its_bpe(hf_dir, tmp_path, corpus, monke
           "--model.optimizer", "adamw", "--model.lr", "1e-3", "--model.scheduler", "constant",
           "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null",
           "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-          "--generation.max_new_tokens", "4"])  # fmt: skip
+          "--generation.sampling.max_new_tokens", "4"])  # fmt: skip
     tuned = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     model, tok = load_model(str(tuned))
     base, base_tok = load_model(str(ckpt))

@@ -1,7 +1,10 @@
 """Crash and resume, Ctrl-C, non-finite loss, atomic checkpoints: `minigpt fit` as a real process."""
 
+import errno
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -9,20 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import review
 
+from minigpt.checkpoint import save_checkpoint
 from minigpt.checkpointing import AtomicCheckpointIO
+from minigpt.cli import main
+from minigpt.errors import UserError
 from minigpt.plot import read_scalars
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MINIGPT = [sys.executable, "-m", "minigpt.cli"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    p = tmp_path / "corpus.txt"
-    p.write_text("\n\n".join(review(i, 12 + (i % 5) * 4) for i in range(60)))
-    return p
 
 
 def fit_args(corpus, *extra):
@@ -73,26 +71,84 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(corpus, tmp_path):
     assert sorted(p.name for p in (crashed / "lightning_logs").iterdir()) == ["version_0"]
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tmp_path):
-    long_run = ("--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", "--trainer.val_check_interval", "50")
-    proc = subprocess.Popen(fit_args(corpus, *long_run),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    events = tmp_path / "lightning_logs" / "version_0"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(events.glob("events.out.tfevents.*")):
-        time.sleep(0.1)
-    time.sleep(3)  # some training steps
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "saved" in err and "--ckpt_path last" in err
-    ckpt = events / "checkpoints" / "last.ckpt"
-    step = last_step(ckpt)
+def _fit_until_validated(args, cwd: Path, err_file: Path, after_step: int) -> str:
+    """Run `minigpt fit`, press Ctrl-C once it has validated after `after_step`; return its stderr."""
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            steps = [int(m) for m in re.findall(r"step (\d+): val_loss", err_file.read_text())]
+            if any(s > after_step for s in steps):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, err_file.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    text = err_file.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    return text
+
+
+def test_ctrl_c_twice_keeps_one_last_checkpoint_and_the_best_files_rotate(corpus, tmp_path):
+    long_run = ("--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", "--trainer.val_check_interval", "5")
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    first = _fit_until_validated(fit_args(corpus, *long_run), tmp_path, tmp_path / "err1", 0)
+    assert "saved" in first and "--ckpt_path last" in first
+    assert not re.search(r"warning|tip:", first.replace("Ctrl-C", ""), re.IGNORECASE)  # a quiet start
+    step = last_step(folder / "last.ckpt")
     assert step > 0
+    second = _fit_until_validated(fit_args(corpus, *long_run, "--ckpt_path", "last"), tmp_path, tmp_path / "err2", step)
+    assert "exists and is not empty" not in second
+    assert last_step(folder / "last.ckpt") > step
+    names = sorted(p.name for p in folder.iterdir())
+    # one last.ckpt (no last-v1.ckpt) and at most save_top_k (1) best file: the old one was rotated out
+    assert names[-1] == "last.ckpt" and len(names) == 2 and names[0].startswith("best-"), names
+    assert stat.S_IMODE((folder / "last.ckpt").stat().st_mode) == 0o666 & ~_umask()
+    step = last_step(folder / "last.ckpt")
     more = ("--trainer.max_epochs", "100000", "--trainer.max_steps", str(step + 3), "--ckpt_path", "last")
     resumed = run(fit_args(corpus, *more), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert last_step(ckpt) == step + 3, resumed.stderr[-3000:]
+    assert last_step(folder / "last.ckpt") == step + 3, resumed.stderr[-3000:]
+    assert [p.name for p in folder.iterdir() if not p.name.startswith("best-")] == ["last.ckpt"]
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def _disk_full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_checkpoint_write_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    save_checkpoint({"w": torch.ones(3)}, target)
+    before = target.read_bytes()
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    with pytest.raises(UserError, match=r"no space left on the device to write .*last\.ckpt \(it needs [\d.]+ MB"):
+        save_checkpoint({"w": torch.zeros(1000)}, target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_full_disk_during_fit_is_one_line_exit_2(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = fit_args(corpus, "--trainer.val_check_interval", "2")[len(MINIGPT) :]
+    main([*tiny, "--trainer.max_steps", "2"])
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    before = (folder / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    with pytest.raises(SystemExit) as e:
+        main([*tiny, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("minigpt: error: no space left on the device to write ") and " MB" in last
+    assert (folder / "last.ckpt").read_bytes() == before
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):

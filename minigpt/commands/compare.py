@@ -1,0 +1,90 @@
+"""``minigpt compare``: a minigpt checkpoint and a Hugging Face model side by side."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from minigpt.checkpoint import model_from_checkpoint, read_checkpoint
+from minigpt.commands._common import Output
+from minigpt.commands.evaluate import corpus_spec, spread, text_file_documents
+from minigpt.errors import UserError
+from minigpt.generation import SamplingConfig, generate_text
+
+
+def compare(
+    ckpt_path: str,
+    hf_model: str,
+    prompt: list[str] | None = None,
+    text_file: str | None = None,
+    split: str | None = None,
+    archive: str | None = None,
+    max_docs: int = 100,
+    max_new_tokens: int = 40,
+    temperature: float = 0.7,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+    json: bool = False,
+) -> None:
+    """Samples from both models for the same prompts and seed, and bits per character on the same text.
+
+    Args:
+        ckpt_path: a minigpt checkpoint.
+        hf_model: a local Hugging Face causal LM folder (or a cached model name).
+        prompt: prompt(s) to continue with both models (default: "the movie was").
+        text_file: text to score (documents separated by blank lines, or JSONL).
+        split: or a split of the checkpoint's data to score (e.g. test).
+        archive: aclImdb_v1.tar.gz for --split (else the run's data).
+        max_docs: documents to score.
+        max_new_tokens: most tokens per sample.
+        temperature: 0 = greedy.
+        top_k: keep the k most likely tokens (null = all).
+        top_p: nucleus sampling threshold (null = off).
+        seed: both models sample with generators seeded with this.
+        json: print one JSON object on stdout (the rest goes to stderr).
+    """
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    if max_docs < 1:
+        raise UserError(f"--max_docs must be >= 1, got {max_docs}")
+    ckpt = read_checkpoint(ckpt_path)
+    model, tok = model_from_checkpoint(ckpt, ckpt_path)
+    from minigpt.hf import hf_bits_per_character, hf_generate_text, load_hf_gpt2, minigpt_bits_per_character
+
+    hf, hf_tok = load_hf_gpt2(hf_model)
+    texts = _texts(ckpt, text_file, split, archive, max_docs)
+    out = Output(json)
+    samples = []
+    for p in prompt or ["the movie was"]:
+        mine = generate_text(model, tok, p, sampling, generator=torch.Generator().manual_seed(seed))
+        theirs = hf_generate_text(hf, hf_tok, p, sampling, generator=torch.Generator().manual_seed(seed))
+        samples.append({"prompt": p, "minigpt": mine, "hf": theirs})
+        out.say(f"prompt   {p}", f"minigpt  {mine}", f"hf       {theirs}", "")
+    result = {"samples": samples, "sampling": asdict(sampling), "seed": seed}
+    if texts:
+        result["minigpt"] = minigpt_bits_per_character(model, tok, texts)
+        result["hf"] = hf_bits_per_character(hf, hf_tok, texts)
+        out.say(f"{'':10}{'bits/char':>10}{'tokens':>10}{'perplexity':>12}   ({len(texts)} documents)")
+        for name in ("minigpt", "hf"):
+            r = result[name]
+            out.say(f"{name:10}{r['bits_per_character']:10.4f}{r['tokens']:10,}{r['perplexity']:12.2f}")
+    out.result(result)
+
+
+def _texts(ckpt: dict, text_file: str | None, split: str | None, archive: str | None, max_docs: int) -> list[str]:
+    """The texts both models score: --text_file, or raw reviews of --split."""
+    if text_file:
+        docs = text_file_documents(text_file)
+        return [docs[i] for i in spread(len(docs), max_docs)]
+    if not split:
+        return []
+    from minigpt.data.corpus import read_splits, resolve_source
+
+    spec, cache = corpus_spec(ckpt, archive)
+    kind, path = resolve_source(spec, cache)
+    splits = read_splits(spec, kind, path)
+    if split not in splits:
+        raise UserError(f"the {kind} data has no {split!r} split; for test pass --archive PATH/aclImdb_v1.tar.gz")
+    docs = splits[split]
+    return [docs[i].text for i in spread(len(docs), max_docs)]

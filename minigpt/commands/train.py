@@ -1,0 +1,267 @@
+"""``minigpt fit / validate / test``: LightningCLI with minigpt's conventions.
+
+* Block and vocabulary sizes are linked once (data -> model).
+* A run lives under ``--trainer.default_root_dir`` (default: the current folder) in
+  ``lightning_logs/version_N`` unless the logger is configured with its own ``save_dir``
+  (Lightning's rule); ``--ckpt_path last|best`` and a resume into the same version follow it.
+* The config holds only what it can write back: ``--print_config`` and a run's ``config.yaml`` re-run.
+  The crash-safe checkpoint writer and the fixed callbacks are installed when the Trainer is built.
+* No option abbreviations; a bad option or value is one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import warnings
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from minigpt.callbacks import (
+    EarlyValidation,
+    GenerationCallback,
+    GracefulStop,
+    LearningRateLog,
+    ProgressBar,
+    ProgressLog,
+)
+from minigpt.checkpoint import model_config, read_checkpoint, section
+from minigpt.checkpointing import RunCheckpoint, use_atomic_writes
+from minigpt.data.datamodule import IMDBDataModule
+from minigpt.errors import UserError
+from minigpt.lit_module import LitMiniGPT
+
+RUNS = "lightning_logs"
+"""Folder of the runs under the root dir (Lightning's default logger name)."""
+
+
+def default_config() -> str:
+    """The recommended recipe, shipped inside the package (configs/imdb.yaml)."""
+    return str(files("minigpt.configs") / "imdb.yaml")
+
+
+class MiniGPTCLI(LightningCLI):
+    """LightningCLI with block/vocab size linked once, fixed checkpointing and same-folder resume."""
+
+    def __init__(self, *args, **kwargs):
+        # The options as typed, to tell values the user passed from values of a config file.
+        self.typed_args = list(kwargs.get("args") or sys.argv[1:])
+        self._checkpoints: dict[str, dict] = {}
+        super().__init__(*args, **kwargs)
+
+    def _checkpoint(self, path: str) -> dict:
+        """Each checkpoint file read once per command (several hooks below need it)."""
+        if path not in self._checkpoints:
+            self._checkpoints[path] = read_checkpoint(path)
+        return self._checkpoints[path]
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyper-parameters here, before any hook: check the file
+        # first so a missing, empty, corrupt or foreign one is one line, not a traceback.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best"):
+            self._checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
+    def _passed(self, prefix: str) -> set[str]:
+        return {a.split("=")[0][len(prefix) :] for a in self.typed_args if a.startswith(prefix)}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.block_size", "model.config.block_size")
+        # The vocabulary is known only once the data is tokenized: link it at instantiation.
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{step}",
+            }
+        )
+        parser.add_lightning_class_args(GenerationCallback, "generation")
+        parser.add_lightning_class_args(EarlyValidation, "early_validation")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg["model"].get("init_from"):
+            init_from = cfg["model"]["init_from"]
+            self._architecture_from(cfg, init_from, self._checkpoint(init_from), self._passed("--model.config."))
+        ckpt = cfg.get("ckpt_path")
+        if ckpt:
+            cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
+            if self.subcommand != "fit":
+                self._config_from_checkpoint(cfg, self._checkpoint(ckpt), self._passed("--data."))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            # The classes validate their arguments in their constructors: that is bad input.
+            raise UserError(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = cfg["trainer"]
+        if self.subcommand == "fit" and trainer_cfg.get("logger") in (None, True):
+            ckpt = cfg.get("ckpt_path")
+            kwargs["logger"] = run_logger(trainer_cfg.get("default_root_dir"), ckpt and self._checkpoint(ckpt), ckpt)
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_writes(trainer)
+        return trainer
+
+    @staticmethod
+    def _architecture_from(cfg, init_from: str, ckpt: dict, passed: set[str]) -> None:
+        """Fine-tuning: the model's architecture (and a pretrained tokenizer) come from the checkpoint."""
+        for key, value in (ckpt["hyper_parameters"].get("config") or {}).items():
+            if key not in ("vocab_size", "block_size", "dropout") and key not in passed:
+                cfg["model"]["config"][key] = value
+        stored_block = model_config(ckpt, init_from).block_size
+        if cfg["data"]["block_size"] > stored_block:
+            raise UserError(
+                f"data.block_size {cfg['data']['block_size']} is larger than the position table of {init_from} "
+                f"({stored_block}); use a block_size <= {stored_block}"
+            )
+        tok = section(ckpt).get("tokenizer") or {}
+        if tok.get("kind") == "bpe" and not cfg["data"].get("tokenizer"):
+            cfg["data"]["tokenizer"] = init_from
+
+    @staticmethod
+    def _config_from_checkpoint(cfg, hp: dict, passed: set[str]) -> None:
+        """validate/test --ckpt_path: build the model (and data vocab) the checkpoint was trained with.
+
+        Lightning fills the model from an explicit path already; ``last``/``best`` need this."""
+        for key, value in (hp["hyper_parameters"].get("config") or {}).items():
+            if key not in ("vocab_size",):
+                cfg["model"]["config"][key] = value
+        data = section(hp).get("data") or {}
+        for key in ("source", "archive", "text_path", "min_freq", "max_size", "include_unsup", "val_fraction"):
+            if key in data and key not in passed:
+                cfg["data"][key] = data[key]
+        cfg["data"]["block_size"] = cfg["model"]["config"]["block_size"]
+
+
+def runs_root(cfg) -> Path:
+    """The folder holding the runs (version_N): the logger's own save_dir if given, else default_root_dir."""
+    logger = cfg["trainer"].get("logger")
+    init = logger.get("init_args", {}) if hasattr(logger, "get") else {}
+    if init and init.get("save_dir"):
+        return Path(init["save_dir"]) / (init.get("name") or RUNS)
+    return Path(cfg["trainer"].get("default_root_dir") or ".") / RUNS
+
+
+def resolve_ckpt_path(ckpt: str, cfg) -> str:
+    """``last``/``best`` -> the newest such file under <runs root>/version_*/checkpoints/; else the path."""
+    if ckpt in ("last", "best"):
+        root = runs_root(cfg)
+        pattern = "last.ckpt" if ckpt == "last" else "best-*.ckpt"
+        found = sorted(root.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"--ckpt_path {ckpt}: no {pattern} under {root}/version_*/checkpoints/")
+        return str(found[-1])
+    return ckpt  # a given file was checked when Lightning's _parse_ckpt_path ran
+
+
+def run_logger(root: str | None, ckpt: dict | None, ckpt_path: str | None) -> TensorBoardLogger:
+    """The TensorBoard logger of a run: a new version under root, or the version a checkpoint came from.
+
+    A resumed run logs into the checkpoint's ``lightning_logs/version_N`` from the checkpoint's step
+    on (events a killed run logged after it are dropped: one continuous curve).
+    """
+    kwargs: dict[str, Any] = {"save_dir": root or ".", "name": RUNS, "default_hp_metric": False}
+    path = Path(ckpt_path) if ckpt_path else None
+    if path is not None and path.parent.name == "checkpoints" and path.parent.parent.name.startswith("version_"):
+        version_dir = path.parent.parent
+        kwargs.update(save_dir=str(version_dir.parent.parent), name=version_dir.parent.name, version=version_dir.name)
+        if ckpt and ckpt.get("global_step"):
+            kwargs["purge_step"] = int(ckpt["global_step"])  # events are logged at global_step - 1
+    return TensorBoardLogger(**kwargs)
+
+
+class _NoTips(logging.Filter):
+    """Lightning's advertising tips ("💡 Tip: ...") are not about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)  # where Lightning's rank_zero_info records are made
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    # Deprecation notices that dependencies raise about each other: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
+
+def run_lightning_cli(command: str, argv: list[str]) -> None:
+    # `minigpt fit` alone runs the recommended recipe; a --config replaces it (never merges with it,
+    # which would leak the recipe's settings into e.g. seed.yaml).
+    if command == "fit" and not any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+        argv = ["--config", default_config(), *argv]
+    _quiet_lightning()
+    terminal = sys.stdout.isatty()
+    callbacks = [LearningRateLog(), GracefulStop()]
+    callbacks.append(ProgressBar() if terminal else ProgressLog())
+    try:
+        cli = _build_and_run(command, argv, terminal, callbacks)
+    except FloatingPointError as err:  # the run diverged (non-finite loss or gradient): a message, not a bug
+        raise UserError(str(err)) from err
+    if command == "fit":
+        _print_next_steps(cli.trainer, next(c for c in callbacks if isinstance(c, GracefulStop)))
+
+
+def _build_and_run(command: str, argv: list[str], terminal: bool, callbacks: list) -> MiniGPTCLI:
+    return MiniGPTCLI(
+        LitMiniGPT,
+        IMDBDataModule,
+        args=[command, *argv],
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        # Parse errors come back as exceptions so main() reports them in one line.
+        parser_kwargs={
+            "exit_on_error": False,
+            "allow_abbrev": False,
+            command: {"exit_on_error": False, "allow_abbrev": False},
+        },
+        trainer_defaults={
+            # validate/test print their metrics; only training runs get a lightning_logs/version_N
+            # (the run's logger is built in MiniGPTCLI.instantiate_trainer, under default_root_dir).
+            **({} if command == "fit" else {"logger": False}),
+            # A bar in a log file is noise: ProgressLog prints plain lines there instead.
+            **({} if terminal else {"enable_progress_bar": False}),
+            "callbacks": callbacks,
+            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        },
+    )
+
+
+def _print_next_steps(trainer: Trainer, stop: GracefulStop) -> None:
+    """Where the run is and the commands that use it (the last lines of a fit that ended or stopped)."""
+    if not trainer.is_global_zero or trainer.logger is None:
+        return
+    run = Path(trainer.logger.log_dir)
+    ckpt = trainer.checkpoint_callback
+    last = Path(ckpt.last_model_path) if ckpt is not None and ckpt.last_model_path else stop.saved
+    if last is None or not last.is_file():
+        return
+    q = shlex.quote
+    lines = [
+        f"run         {run}  (checkpoint {last})",
+        f"generate    minigpt generate --ckpt_path {q(str(last))} --prompt 'the movie was'",
+        f"evaluate    minigpt evaluate --ckpt_path {q(str(last))}",
+        f"resume      minigpt fit --config {q(str(run / 'config.yaml'))} --ckpt_path {q(str(last))}",
+        f"tensorboard tensorboard --logdir {q(str(run.parent))}",
+    ]
+    print("\n".join(lines), file=sys.stderr)
