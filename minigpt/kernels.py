@@ -67,7 +67,7 @@ def fused_linear_nll_sum(
     targets: Tensor,
     *,
     chunk_size: int | None = None,
-    workspace: "Workspace | None" = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """Summed cross-entropy of `F.linear(x, weight, bias)` against `targets`, with the fused kernel.
 
@@ -119,7 +119,7 @@ class Workspace:
         if buffer.device.type == "cpu":
             self._buffer = buffer
 
-    def __deepcopy__(self, memo: dict) -> "Workspace":
+    def __deepcopy__(self, memo: dict) -> Workspace:
         return Workspace()
 
     def __getstate__(self) -> dict:
