@@ -17,8 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
-from minigpt.checkpoint import load_model, minigpt_section, model_from_checkpoint, model_state  # noqa: F401
-from minigpt.checkpoint import read_checkpoint as load_checkpoint_file
+from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.model import GPT, LossKernel
@@ -352,7 +351,7 @@ class LitMiniGPT(pl.LightningModule):
             self._rng_to_restore = None
 
     def _init_from(self, path: str) -> None:
-        ckpt = load_checkpoint_file(path)
+        ckpt = read_checkpoint(path)
         state = model_state(ckpt)
         wpe = state.get("transformer.wpe.weight")
         if wpe is not None and wpe.size(0) > self.config.block_size:

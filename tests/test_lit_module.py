@@ -5,9 +5,10 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.data.datamodule import IMDBDataModule
-from minigpt.lit_module import LitMiniGPT, load_checkpoint_file, load_model
+from minigpt.lit_module import LitMiniGPT
 from minigpt.model import lm_loss
 from minigpt.tokenizer import IGNORE_INDEX
 
@@ -131,13 +132,13 @@ def test_bad_checkpoint_files(tmp_path, content, match):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ValueError, match=match):
-        load_checkpoint_file(str(path))
+        read_checkpoint(str(path))
 
 
 def test_foreign_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="not a minigpt checkpoint"):
-        load_checkpoint_file(str(tmp_path / "foreign.ckpt"))
+        read_checkpoint(str(tmp_path / "foreign.ckpt"))
 
 
 def test_vocab_mismatch_on_fine_tuning_is_refused(tiny_corpus, tmp_path):
