@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
-from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint
+from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint, section
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.model import GPT, LossKernel
@@ -73,11 +73,11 @@ class LitMiniGPT(pl.LightningModule):
         if isinstance(config, dict):  # from a checkpoint's hyper-parameters
             config = GPTConfig(**config)
         if lr <= 0 or not math.isfinite(lr):
-            raise ValueError(f"model.lr must be a positive number, got {lr}")
+            raise UserError(f"model.lr must be a positive number, got {lr}")
         if decay_steps is not None and decay_steps <= warmup_steps:
-            raise ValueError(f"model.decay_steps must be > model.warmup_steps ({warmup_steps}), got {decay_steps}")
+            raise UserError(f"model.decay_steps must be > model.warmup_steps ({warmup_steps}), got {decay_steps}")
         if step_size < 1 or warmup_steps < 0:
-            raise ValueError("model.step_size must be >= 1 and model.warmup_steps >= 0")
+            raise UserError("model.step_size must be >= 1 and model.warmup_steps >= 0")
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = asdict(config)
@@ -310,7 +310,7 @@ class LitMiniGPT(pl.LightningModule):
         if vocab is None:
             return
         if len(vocab) != self.config.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the data's vocabulary has {len(vocab)} tokens but the model was built for "
                 f"{self.config.vocab_size}; use the data settings the model was trained with"
             )
@@ -319,7 +319,7 @@ class LitMiniGPT(pl.LightningModule):
 
     def _check_same_vocab(self, vocab: Vocab, what: str = "the checkpoint's") -> None:
         if self.tokenizer is not None and self.tokenizer.itos != vocab.itos:
-            raise ValueError(
+            raise UserError(
                 f"{what} vocabulary differs from the data's (same size {len(vocab)} but other words or order); "
                 "use the data settings (source, min_freq, max_size) the model was trained with"
             )
@@ -333,7 +333,7 @@ class LitMiniGPT(pl.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra = checkpoint.get("minigpt") or {}
+        extra = section(checkpoint)
         if extra.get("tokenizer"):
             stored = tokenizer_from_dict(extra["tokenizer"])
             self._check_same_vocab(stored)
@@ -360,8 +360,8 @@ class LitMiniGPT(pl.LightningModule):
         try:
             self.model.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"{path} does not fit this model config: {str(err).splitlines()[0]}") from err
-        tok = (ckpt.get("minigpt") or {}).get("tokenizer")
+            raise UserError(f"{path} does not fit this model config: {str(err).splitlines()[0]}") from err
+        tok = section(ckpt).get("tokenizer")
         self.tokenizer = tokenizer_from_dict(tok) if tok else None
 
 
