@@ -15,11 +15,13 @@ makes the same number of new tokens (end-of-text never stops a run):
 - HF generate: `GPT2LMHeadModel.generate(do_sample=False)` with its cache;
 - HF loop: a bare cached loop, `model(input_ids, past_key_values=past)` and an argmax per token.
 
-Costs minigpt pays once per weight version (the packed head copy, the one-time head measurement)
-are timed in a separate "cold" row: the first call after `minigpt.kernels.reset_decode_heads()`.
-The warm rows are the median of `--repeats` runs; contenders take turns (round robin) so that load
-from other processes hits them alike. The bound is one read of the output matrix per token, timed
-with plain torch (`W.sum()`, median of many): a token can hardly cost less than reading W once.
+Costs minigpt pays once per weight version (the packed head copy, the one-time measurement that
+decides between the packed and the plain head) are timed in a separate "cold" row: the first call
+after `minigpt.kernels.reset_decode_heads()`. The warm rows are the median of `--repeats` runs;
+contenders take turns (round robin) so that load from other processes hits them alike. The bound is
+one read of the output matrix per token with plain torch (`W.sum()` run once per token, in the same
+round robin): a token can hardly cost less than reading W once. Two more rows time the head alone,
+plain (`F.linear`) and packed (`minigpt.kernels.PackedHead`), which shows where the packed head wins.
 On CUDA every timer synchronises the device. Batches of 8 and 32 prompts are timed for minigpt and
 HF generate (tokens/s counts every row's tokens).
 """
