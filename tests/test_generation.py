@@ -339,6 +339,8 @@ def test_stop_id_ends_generation():
     assert result == GenerationResult(tokens=[], stop_reason="eos")
     (result,) = generate(model, [5, 6, 7], cfg(max_new_tokens=10, temperature=0.7, top_k=5), stop_ids=[stop])
     assert result.stop_reason == "eos" and result.tokens == []
+    (result,) = generate(model, [5, 6, 7], SamplingConfig.greedy(10), stop_ids=iter([stop]))  # any iterable
+    assert result == GenerationResult(tokens=[], stop_reason="eos")
     (result,) = generate(model, [5, 6, 7], SamplingConfig.greedy(4), stop_ids=None)
     assert result == GenerationResult(tokens=[stop] * 4, stop_reason="length")
 
