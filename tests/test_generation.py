@@ -511,7 +511,6 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
 def test_bench_generate_compares_like_with_like(monkeypatch):
     """Every contender gets the same prompt and makes the same number of tokens of the same function;
     the cold row starts from no packed head and no head measurement."""
-    pytest.importorskip("transformers")
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
