@@ -114,6 +114,10 @@ def build(device: torch.device) -> tuple[GPT, object]:
     torch.manual_seed(0)
     config = GPTConfig.gpt2(VOCAB, BLOCK, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, d_ff=4 * WIDTH)
     model = GPT(config).eval()
+    with torch.no_grad():  # wider than GPT-2's init (std 0.02): greedy picks far from ties, so texts compare
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.3)
     hf = minigpt_to_gpt2(model)
     hf.generation_config.eos_token_id = None  # never stop early: every run makes n tokens
     return model.to(device), hf.to(device).eval()
