@@ -274,6 +274,7 @@ def generate(
     use_cache: bool = True, head: HeadChoice = "auto",
 ) -> list[GenerationResult]:  # fmt: skip
     """One `GenerationResult` per prompt (a list of one for a single prompt); the arguments are those of `stream`."""
+    stop_ids = None if stop_ids is None else tuple(stop_ids)  # read twice: by the loop and by `collect`
     steps = stream(model, prompt_ids, sampling, stop_ids=stop_ids, generator=generator, banned_ids=banned_ids,
                    use_cache=use_cache, head=head)  # fmt: skip
     return collect(steps, stop_ids)

@@ -239,6 +239,7 @@ def hf_generate(
     Returns:
         One `GenerationResult` per prompt.
     """
+    stop_ids = None if stop_ids is None else tuple(stop_ids)  # read twice: by the loop and by `collect`
     steps = decode(
         hf_model, lambda _: _HFStep(hf_model, use_cache), prompt_ids, sampling,
         vocab_size=hf_model.get_output_embeddings().weight.size(0), stop_ids=stop_ids, generator=generator,

@@ -285,9 +285,11 @@ class PackedHead:
         V, C = weight.shape
         P = -(-V // splits)
         with torch.no_grad():
-            rows = weight.new_zeros(splits * P, C)
-            rows[:V] = weight
-            self.weight = rows.view(splits, P, C).transpose(1, 2).contiguous()  # (S, C, P): slab i, rows [iP, iP+P)
+            self.weight = weight.new_empty(splits, C, P)  # (S, C, P): slab i holds rows [iP, iP+P) of W
+            for i in range(splits):
+                rows = weight[i * P : (i + 1) * P]  # (<= P, C): the last slab may be short
+                self.weight[i, :, : rows.size(0)] = rows.t()
+                self.weight[i, :, rows.size(0) :] = 0
             self.bias = None if bias is None else bias.new_zeros(splits, 1, P)  # (S, 1, P)
             if self.bias is not None:
                 self.bias.view(-1)[:V] = bias

@@ -339,6 +339,8 @@ def test_stop_id_ends_generation():
     assert result == GenerationResult(tokens=[], stop_reason="eos")
     (result,) = generate(model, [5, 6, 7], cfg(max_new_tokens=10, temperature=0.7, top_k=5), stop_ids=[stop])
     assert result.stop_reason == "eos" and result.tokens == []
+    (result,) = generate(model, [5, 6, 7], SamplingConfig.greedy(10), stop_ids=iter([stop]))  # any iterable
+    assert result == GenerationResult(tokens=[], stop_reason="eos")
     (result,) = generate(model, [5, 6, 7], SamplingConfig.greedy(4), stop_ids=None)
     assert result == GenerationResult(tokens=[stop] * 4, stop_reason="length")
 
@@ -509,7 +511,6 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
 def test_bench_generate_compares_like_with_like(monkeypatch):
     """Every contender gets the same prompt and makes the same number of tokens of the same function;
     the cold row starts from no packed head and no head measurement."""
-    pytest.importorskip("transformers")
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
@@ -523,7 +524,8 @@ def test_bench_generate_compares_like_with_like(monkeypatch):
         "bandwidth_bound_tok_s", "vs_tutorial", "vs_hf", "minigpt_batch3_tok_s", "hf_batch3_tok_s",
     ):  # fmt: skip
         assert r[key] > 0, key
-    assert r["vs_hf"] == pytest.approx(r["minigpt_tok_s"] / r["hf_generate_tok_s"], rel=0.01)
+    rows = r["rows"]
+    assert r["vs_hf"] == pytest.approx(rows["HF generate"] / rows["minigpt (KV cache)"], abs=0.006)
     singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
     assert len(singles) == 6  # five contenders and the cold call
     assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1

@@ -12,17 +12,15 @@ from collections import Counter
 from dataclasses import asdict
 
 import pytest
+import tokenizers
 import torch
+import transformers
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-from minigpt.bpe import BpeTokenizer  # noqa: E402
-from minigpt.checkpoint import load_model, new_checkpoint, save_checkpoint  # noqa: E402
-from minigpt.config import GPTConfig  # noqa: E402
-from minigpt.convert import (  # noqa: E402
+from minigpt.bpe import BpeTokenizer
+from minigpt.checkpoint import load_model, new_checkpoint, save_checkpoint
+from minigpt.config import GPTConfig
+from minigpt.convert import (
     check_gpt2_exportable,
     convert_from_hf,
     convert_to_hf,
@@ -30,19 +28,19 @@ from minigpt.convert import (  # noqa: E402
     gpt2_to_minigpt,
     minigpt_to_gpt2,
 )
-from minigpt.data.samples import flatten  # noqa: E402
-from minigpt.evaluation import evaluate_ids  # noqa: E402
-from minigpt.generation import SamplingConfig, generate, generate_text  # noqa: E402
-from minigpt.hf import (  # noqa: E402
+from minigpt.data.samples import flatten
+from minigpt.evaluation import evaluate_ids
+from minigpt.generation import SamplingConfig, generate, generate_text
+from minigpt.hf import (
     hf_bits_per_character,
     hf_generate,
     hf_generate_text,
     load_hf_gpt2,
     minigpt_bits_per_character,
 )
-from minigpt.lit_module import LitMiniGPT  # noqa: E402
-from minigpt.model import GPT  # noqa: E402
-from minigpt.tokenizer import Vocab, tokenizer_from_dict  # noqa: E402
+from minigpt.lit_module import LitMiniGPT
+from minigpt.model import GPT
+from minigpt.tokenizer import Vocab, tokenizer_from_dict
 
 TEXTS = [
     "The movie was great, I loved every minute of it!",
