@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -383,8 +384,6 @@ def test_large_vocabulary_gets_uint32_ids_and_batches_are_int64(tmp_path):
 
 
 def test_streamed_reader_equals_whole_file_reading(tmp_path):
-    import re
-
     from minigpt.data.sources import _ReplacementCounter, iter_text_documents
 
     def whole_file(path):  # the reader before streaming: decode everything, split on blank lines
@@ -534,3 +533,19 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
     g1, g2 = growth(64 << 10), growth(1 << 40)
     assert g1 < 0.3  # bytes of peak memory per byte of corpus
     assert g2 > 1.0  # the measurement sees a build that holds the corpus
+
+
+def test_progress_lines_with_rate_and_eta_when_not_a_terminal(tmp_path, monkeypatch, caplog):
+    import minigpt.data.build as build
+
+    monkeypatch.setattr(build, "_LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(build, "CHUNK_CHARS", 2000)
+    corpus_file = write_corpus(tmp_path / "corpus.txt", 100)
+    with caplog.at_level(logging.INFO, logger="minigpt"):
+        prepare_corpus(CorpusSpec(source="text", text_path=str(corpus_file)), tmp_path / "c")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        re.search(r"tokenizing [\d,]+ MB in \d+ s \([\d.]+ MB/s\), \d+% of [\d,]+ MB, ETA \d+ s", m) for m in lines
+    )
+    summary = [m for m in lines if m.startswith("data: prepared")]
+    assert len(summary) == 1 and re.search(r"MB/s\), peak memory [\d.]+ GB", summary[0])
