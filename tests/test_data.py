@@ -549,3 +549,20 @@ def test_progress_lines_with_rate_and_eta_when_not_a_terminal(tmp_path, monkeypa
     )
     summary = [m for m in lines if m.startswith("data: prepared")]
     assert len(summary) == 1 and re.search(r"MB/s\), peak memory [\d.]+ GB", summary[0])
+
+
+def test_datamodule_trains_and_caches_a_bpe_tokenizer(tmp_path):
+    from minigpt.bpe import BpeTokenizer
+
+    corpus_file = write_corpus(tmp_path / "corpus.txt", 200)
+    dm = IMDBDataModule(source="text", text_path=str(corpus_file), tokenizer="bpe:300", cache_dir=str(tmp_path))
+    c = dm.corpus
+    assert isinstance(dm.vocab, BpeTokenizer) and dm.vocab_size == 300 and c.splits["train"]["ids"].dtype == np.uint16
+    splits = reference_splits(read_text(corpus_file))
+    for name, texts in splits.items():  # byte-level: every document decodes back exactly
+        ids, off = c.splits[name]["ids"], c.splits[name]["offsets"]
+        assert [dm.vocab.decode(ids[off[d] : off[d + 1]]) for d in range(len(texts))] == texts
+    again = IMDBDataModule(source="text", text_path=str(corpus_file), tokenizer="bpe:300", cache_dir=str(tmp_path))
+    assert again.corpus.path == c.path and again.vocab == dm.vocab  # cached like the vocabulary
+    with pytest.raises(ValueError, match="bpe:100 is too small"):
+        IMDBDataModule(tokenizer="bpe:100")

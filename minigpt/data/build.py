@@ -31,7 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.data.corpus import CACHE_VERSION, SPLITS, CorpusSpec, check_splits, encode_documents, iter_splits
+from minigpt.data.corpus import (
+    CACHE_VERSION,
+    SPLITS,
+    CorpusSpec,
+    bpe_training_size,
+    check_splits,
+    encode_documents,
+    iter_splits,
+)
 from minigpt.data.sources import resolve_text_files
 from minigpt.tokenizer import UNK_ID, Vocab, basic_english
 
@@ -186,6 +194,17 @@ class _Scratch:
 def build_entry(spec: CorpusSpec, kind: str, path: Path | None, out: Path, pretrained=None) -> dict:
     """Write a cache entry for ``spec`` into the empty folder ``out``; return its meta data."""
     t0 = time.perf_counter()
+    bpe_size = bpe_training_size(spec.tokenizer)
+    if bpe_size:
+        from minigpt.bpe import train_bpe
+
+        train_texts = (doc.text for split, doc, _ in iter_splits(spec, kind, path) if split == "train")
+        pretrained = train_bpe(train_texts, bpe_size)
+        log.info(
+            "data: trained a byte-level BPE of %d tokens on the training text in %.1f s",
+            bpe_size,
+            time.perf_counter() - t0,
+        )
     total = sum(f.stat().st_size for f in resolve_text_files(path)) if path and kind == "text" else None
     progress = Progress(total, "tokenizing")
     docs = ((split, doc.text, digest) for split, doc, digest in iter_splits(spec, kind, path))

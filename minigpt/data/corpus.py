@@ -61,7 +61,7 @@ class CorpusSpec:
     max_size: int | None = None
     include_unsup: bool = False
     val_fraction: float = 0.1
-    tokenizer: str | None = None  # None: basic_english + a vocab built here; else a pretrained (BPE) tokenizer
+    tokenizer: str | None = None  # None: basic_english + a vocab built here; "bpe:N": train one; else pretrained
     val_split: str = "train"  # "train": a hashed val_fraction of it; "test": the official test split
 
 
@@ -172,8 +172,13 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
             100 * spec.val_fraction,
         )
         spec = replace(spec, val_split="train")
-    pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer else None
+    bpe_size = bpe_training_size(spec.tokenizer)
+    pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer and not bpe_size else None
     tokenizer_id = "basic_english"
+    if bpe_size:
+        import tokenizers  # a new release may train differently: its entries are its own
+
+        tokenizer_id = f"bpe-trained:{bpe_size}:tokenizers-{tokenizers.__version__}"
     if pretrained is not None:
         blob = json.dumps(pretrained.to_dict(), sort_keys=True).encode()
         tokenizer_id = f"{pretrained.kind}:{hashlib.sha256(blob).hexdigest()}"
@@ -201,6 +206,14 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
             "--data.cache_dir on a disk with room (nothing half-written was kept)"
         ) from err
     return Corpus(entry)
+
+
+def bpe_training_size(tokenizer: str | None) -> int | None:
+    if not tokenizer or not tokenizer.startswith("bpe:"):
+        return None
+    from minigpt.bpe import trained_bpe_size
+
+    return trained_bpe_size(tokenizer)
 
 
 def _source_documents(spec: CorpusSpec, kind: str, path: Path | None) -> Iterator[tuple[str, Document]]:
