@@ -94,6 +94,36 @@ def reference_pass(text_dir: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, len(counter)
 
 
+def tokenizer_routes(path: Path) -> dict[str, float]:
+    """One file, one process: basic_english + Counter vs the Rust `tokenizers` pipeline with the same rules.
+
+    The evidence behind the choice of tokenizer route (see minigpt/data/build.py): the Rust
+    normalisers (Lowercase + the literal Replace rules) and WhitespaceSplit, counting words with a
+    WordLevelTrainer and encoding with encode_batch_fast, on all threads.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from minigpt.tokenizer import _LITERAL_RULES, UNK, basic_english
+
+    texts = path.read_text(encoding="utf-8").split("\n\n")
+    t0 = time.perf_counter()
+    counter: Counter = Counter()
+    for text in texts:
+        counter.update(basic_english(text))
+    python_s = time.perf_counter() - t0
+    tok = Tokenizer(models.WordLevel(vocab={UNK: 0}, unk_token=UNK))
+    rules = [normalizers.Replace(old, new) for old, new in _LITERAL_RULES]
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rules])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t0 = time.perf_counter()
+    tok.train_from_iterator(iter(texts), trainers.WordLevelTrainer(vocab_size=1 << 40, show_progress=False))
+    rust_count_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok.encode_batch_fast(texts, add_special_tokens=False)
+    rust_encode_s = time.perf_counter() - t0
+    return {"python_count_s": python_s, "rust_count_s": rust_count_s, "rust_encode_s": rust_encode_s}
+
+
 def cached_start(text_dir: Path, cache: Path) -> float:
     code = (
         "import sys, time\nfrom minigpt.data.corpus import CorpusSpec, prepare_corpus\n"
@@ -109,6 +139,7 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=1, help="K: copies of the 25,000 train reviews")
     p.add_argument("--archive", default=None, help="read the reviews from aclImdb_v1.tar.gz (default: bundled)")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary folder, removed at the end)")
+    p.add_argument("--rust", action="store_true", help="also time the Rust tokenizers route on one copy")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = p.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_data-"))
@@ -119,6 +150,7 @@ def main() -> None:
         mine = run_prepare(text_dir, cache)  # first, while this process is small (children inherit ru_maxrss)
         ref_s, ref_words = reference_pass(text_dir)
         cached_s = cached_start(text_dir, cache)
+        routes = tokenizer_routes(text_dir / "copy000.txt") if args.rust else None
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -150,6 +182,12 @@ def main() -> None:
         f"the reference; main process peak RSS {result['main_peak_rss_gb']:.2f} GB; "
         f"cached start {result['cached_start_s']:.2f} s"
     )
+    if routes:
+        result.update({k: round(v, 2) for k, v in routes.items()})
+        print(
+            "one copy, one process: basic_english + Counter {python_count_s:.2f} s; Rust pipeline: count (WordLevel"
+            "Trainer) {rust_count_s:.2f} s, encode_batch_fast {rust_encode_s:.2f} s".format(**routes)
+        )
     if args.json:
         print(json.dumps(result))
 

@@ -146,13 +146,18 @@ def _chunks(docs: Iterator[tuple[str, str, bytes]]) -> Iterator[tuple[list[str],
 
 
 def _tokenized(chunks, encode, workers: int):
-    """(chunk, encode(texts)) in order; up to 2 chunks per worker in flight, so memory stays bounded."""
-    if workers < 2:
-        yield from ((c, encode(c[1])) for c in chunks)
+    """(chunk, encode(texts)) in order; up to 2 chunks per worker in flight, so memory stays bounded.
+
+    A corpus of one chunk is tokenized here: starting worker processes would cost more than it saves.
+    """
+    chunks = iter(chunks)
+    head = [c for c in (next(chunks, None), next(chunks, None)) if c is not None]
+    if workers < 2 or len(head) < 2:
+        yield from ((c, encode(c[1])) for c in chain(head, chunks))
         return
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pending: deque = deque()
-        for chunk in chunks:
+        for chunk in chain(head, chunks):
             pending.append((chunk, pool.apply_async(encode, (chunk[1],))))
             if len(pending) >= 2 * workers:
                 c, result = pending.popleft()
