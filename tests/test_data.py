@@ -317,6 +317,8 @@ def write_corpus(path, n_docs, seed=0, extra_words=0):
         text = review(int(rng.integers(0, 10**6)), int(rng.integers(1, 40)))
         if i % 7 == 0:
             text += " Émigré ΣΑΣ naïve (café)."
+        if i % 50 == 3:  # specials written as text: never counted, encoded as the special
+            text += " <unk> <pad> <|endoftext|>"
         if extra_words:
             text += " " + " ".join(f"w{i}x{k}" for k in range(extra_words))
         parts.append(text.encode() + (b" \xff" if i % 11 == 0 else b"") + seps[i % 4].encode())
