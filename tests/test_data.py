@@ -511,7 +511,11 @@ print(build.peak_rss_gb()[0])
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's VmHWM (peak memory per process)")
 def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
-    """Peak memory of a build grows far less than the corpus; one chunk of everything (the old way) does not."""
+    """Peak memory of a build grows far less than the corpus; one chunk of everything (the old way) does not.
+
+    What still grows is per-document bookkeeping (the validation documents' hashes, to sort them),
+    tens of bytes per document: about 0.2 bytes per corpus byte for these short documents.
+    """
     import subprocess
     import sys
 
@@ -519,13 +523,13 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
 
     base = "\n\n".join(review(i, 12 + i % 30) for i in range(2000)).encode() + b"\n\n"  # fixed vocabulary
     sizes = []
-    for copies in (4, 24):
+    for copies in (4, 48):
         (tmp_path / f"corpus{copies}.txt").write_bytes(base * copies)
         sizes.append((tmp_path / f"corpus{copies}.txt").stat().st_size)
 
     def growth(chunk_chars):
         peaks = []
-        for copies in (4, 24):
+        for copies in (4, 48):
             args = [tmp_path / f"corpus{copies}.txt", tmp_path / f"cache{copies}-{chunk_chars}", chunk_chars]
             run = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, *map(str, args)], capture_output=True, text=True)
             assert run.returncode == 0, run.stderr

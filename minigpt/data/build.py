@@ -304,22 +304,46 @@ class _Pretrained:
 
 
 def _finish_split(scratch: Path, out: Path, split: str, to_vocab, dtype, order: np.ndarray | None) -> None:
-    """Scratch files -> ``<split>.ids/offsets/chars.npy`` (vocabulary ids; val in hash order)."""
-    lengths = np.load(scratch / f"{split}.len.npy")
-    chars = np.load(scratch / f"{split}.chars.npy")
-    starts = np.concatenate(([0], np.cumsum(lengths)))
-    if order is not None:
-        lengths, chars = lengths[order], chars[order]
-    np.save(out / f"{split}.offsets.npy", np.concatenate(([0], np.cumsum(lengths))))
-    np.save(out / f"{split}.chars.npy", chars)
+    """Scratch files -> ``<split>.ids/offsets/chars.npy`` (vocabulary ids; val in hash order).
+
+    Read in blocks, so memory stays flat; only a reordered split (val, a tenth of the documents)
+    holds its per-document arrays.
+    """
+    offsets, chars = NpyWriter(out / f"{split}.offsets.npy", np.int64), NpyWriter(out / f"{split}.chars.npy", np.int64)
+    offsets.write(np.zeros(1, np.int64))
+    if order is None:
+        total = 0
+        for lengths, n_chars in zip(
+            _read_blocks(scratch / f"{split}.len.npy"), _read_blocks(scratch / f"{split}.chars.npy")
+        ):
+            offsets.write(total + np.cumsum(lengths))
+            chars.write(n_chars)
+            total += int(lengths.sum())
+        ranges = _blocks(total)
+    else:
+        lengths = np.load(scratch / f"{split}.len.npy")
+        starts = np.concatenate(([0], np.cumsum(lengths)))
+        offsets.write(np.cumsum(lengths[order]))
+        chars.write(np.load(scratch / f"{split}.chars.npy")[order])
+        ranges = ((int(starts[d]), int(starts[d + 1])) for d in order)
+    offsets.close()
+    chars.close()
     writer = NpyWriter(out / f"{split}.ids.npy", dtype)
     with open(scratch / f"{split}.ids.npy", "rb") as f:
-        ranges = ((int(starts[d]), int(starts[d + 1])) for d in order) if order is not None else _blocks(starts[-1])
         for start, end in ranges:
             f.seek(NpyWriter.HEADER_BYTES + 4 * start)
             ids = np.fromfile(f, dtype=np.uint32, count=end - start)
             writer.write(ids if to_vocab is None else to_vocab[ids])
     writer.close()
+
+
+def _read_blocks(path: Path) -> Iterator[np.ndarray]:
+    """The int64 values of a scratch ``.npy`` file, REMAP_IDS at a time."""
+    n = (path.stat().st_size - NpyWriter.HEADER_BYTES) // 8
+    with open(path, "rb") as f:
+        f.seek(NpyWriter.HEADER_BYTES)
+        for start, end in _blocks(n):
+            yield np.fromfile(f, dtype=np.int64, count=end - start)
 
 
 def _blocks(n: int) -> Iterator[tuple[int, int]]:
