@@ -17,12 +17,17 @@ Special ids, compared with the word `Vocab` (`<unk>`=0, `<pad>`=1, `<|endoftext|
   `<|endoftext|>` target. Likewise minigpt's default `ignore_index=PAD_ID=1` is the token '"' in
   GPT-2's vocabulary, so padded targets must be ignored by position (e.g. -100), not by id.
 
-References: Hugging Face `tokenizers` (`Tokenizer.from_str`, `to_str`) and transformers'
+`train_bpe` trains a new one on your text (`--data.tokenizer bpe:N`): GPT-2's byte-level
+pre-tokenizer and decoder, a BPE model of N tokens (the 256 byte symbols and `<|endoftext|>`
+included), no `<unk>` because every byte sequence has an encoding.
+
+References: Hugging Face `tokenizers` (`Tokenizer.from_str`, `to_str`, `BpeTrainer`) and transformers'
 `PreTrainedTokenizerFast(tokenizer_object=...)`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +37,46 @@ from tokenizers import Tokenizer
 EOT_TOKEN = "<|endoftext|>"
 NO_ID = -1
 """`unk_index` of a tokenizer without an unknown token: an id that never occurs."""
+MIN_BPE_SIZE = 257  # the 256 byte symbols and <|endoftext|>
+_TRAIN_SPEC = re.compile(r"bpe:(\d+)")
+
+
+def trained_bpe_size(spec: str | None) -> int | None:
+    """N for a ``bpe:N`` tokenizer setting (train a BPE of N tokens here), else None.
+
+    Raises:
+        ValueError: ``bpe:N`` with N too small to hold the byte symbols and <|endoftext|>.
+    """
+    m = _TRAIN_SPEC.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    if m is None:
+        return None
+    if int(m[1]) < MIN_BPE_SIZE:
+        raise ValueError(f"data.tokenizer bpe:{m[1]} is too small: a byte-level BPE needs >= {MIN_BPE_SIZE} tokens")
+    return int(m[1])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BpeTokenizer:
+    """Train a byte-level BPE (GPT-2's kind) of ``vocab_size`` tokens on ``texts`` (streamed, deterministic).
+
+    Args:
+        texts: Training documents; read once, in any size (the trainer keeps word counts only).
+        vocab_size: Tokens in the result, the 256 byte symbols and <|endoftext|> included.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_BPE_SIZE:
+        raise ValueError(f"a byte-level BPE needs >= {MIN_BPE_SIZE} tokens, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return BpeTokenizer(tok)
 
 
 class BpeTokenizer:

