@@ -101,6 +101,30 @@ def tokenizer_of(ckpt: dict, path: str | Path = "the checkpoint"):
     return tokenizer_from_dict(tok)
 
 
+def load_tokenizer(spec: str | Path):
+    """A pretrained tokenizer: a Hugging Face tokenizer folder, or the one inside a minigpt checkpoint.
+
+    A checkpoint is memory-mapped, so only its (small) tokenizer entry is read from disk.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from minigpt.bpe import BpeTokenizer  # imports `tokenizers` only for BPE
+
+        return BpeTokenizer.from_pretrained(path)
+    if not path.is_file():
+        raise UserError(
+            f"tokenizer {spec} does not exist; pass a Hugging Face tokenizer folder or a minigpt checkpoint"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zip/pickle errors of many kinds all mean "unreadable"
+        raise UserError(f"tokenizer {spec}: not a Hugging Face tokenizer folder or readable checkpoint") from err
+    tok = section(ckpt).get("tokenizer") if isinstance(ckpt, dict) else None
+    if not tok:
+        raise UserError(f"tokenizer {spec}: the checkpoint holds no minigpt tokenizer")
+    return tokenizer_from_dict(tok)
+
+
 def data_settings(ckpt: dict) -> dict[str, Any]:
     """The data module arguments the model was trained with (empty for a converted model)."""
     return dict(section(ckpt).get("data") or {})

@@ -64,7 +64,6 @@ def _is_user_error(err: BaseException) -> bool:
         ("argparse", "ArgumentError"),
         ("jsonargparse", "ArgumentError"),
         ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
-        ("minigpt.data.sources", "DataError"),
     ):
         loaded = sys.modules.get(module)  # an error type of a module never imported cannot be raised
         if loaded is not None and hasattr(loaded, name):

@@ -191,24 +191,3 @@ def tokenizer_from_dict(d: dict):
     if kind not in (None, Vocab.kind):
         raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'basic_english' or 'bpe')")
     return Vocab.from_dict(d)
-
-
-def load_tokenizer(spec: str | Path):
-    """A pretrained tokenizer: a Hugging Face tokenizer folder, or the one inside a minigpt checkpoint."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        from minigpt.bpe import BpeTokenizer
-
-        return BpeTokenizer.from_pretrained(path)
-    if path.is_file():
-        import torch
-
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            raise ValueError(f"tokenizer {spec}: not a Hugging Face tokenizer folder or readable checkpoint") from err
-        tok = (ckpt.get("minigpt") or {}).get("tokenizer") if isinstance(ckpt, dict) else None
-        if not tok:
-            raise ValueError(f"tokenizer {spec}: the checkpoint holds no minigpt tokenizer")
-        return tokenizer_from_dict(tok)
-    raise ValueError(f"tokenizer {spec} does not exist; pass a Hugging Face tokenizer folder or a minigpt checkpoint")

@@ -68,6 +68,8 @@ def prepare(data: dict, config: str | None = None, show: int = 0, json: bool = F
         "sampling": dm.sampling,
         "seconds": round(time.perf_counter() - t0, 3),
         "cache": str(corpus.path),
+        # The build that wrote the cache entry (on a cached start: that earlier build).
+        "build": {k: corpus.meta.get(k) for k in ("megabytes", "seconds", "peak_rss_gb")},
     }
     out.say(f"config      {summary['config']}", f"source      {summary['source']} ({summary['input']})")
     for split, n in summary["splits"].items():
@@ -78,6 +80,12 @@ def prepare(data: dict, config: str | None = None, show: int = 0, json: bool = F
         f"batches     {dm.batch_size} x {dm.block_size} tokens, sampling {dm.sampling}",
         f"seconds     {summary['seconds']:.2f}   cache {summary['cache']}",
     )
+    built = summary["build"]
+    if built["megabytes"] and built["seconds"] and built["peak_rss_gb"]:
+        out.say(
+            f"built       {built['megabytes']:,.0f} MB in {built['seconds']:.1f} s "
+            f"({built['megabytes'] / built['seconds']:.1f} MB/s), peak memory {built['peak_rss_gb'][0]:.2f} GB"
+        )
     if show:
         dm.setup("fit")
         ds = dm.datasets["train"]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from minigpt.checkpoint import load_tokenizer
 from minigpt.data.samples import flatten
 from minigpt.data.sources import (
     IMDB_FILENAME,
@@ -39,7 +40,7 @@ from minigpt.data.sources import (
     read_imdb,
     resolve_text_files,
 )
-from minigpt.tokenizer import UNK_ID, load_tokenizer, tokenizer_from_dict
+from minigpt.tokenizer import UNK_ID, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
