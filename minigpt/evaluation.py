@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from minigpt.data.corpus import encode_documents
+from minigpt.data.documents import encode_documents
 from minigpt.data.samples import DocumentWindowDataset, pad_collate
 from minigpt.model import GPT
 from minigpt.tokenizer import IGNORE_INDEX

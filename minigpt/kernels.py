@@ -11,16 +11,13 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from minigpt.errors import UserError
-
-if TYPE_CHECKING:
-    from minigpt.model import GPT
 
 # -- training: the loss over a large linear head ------------------------------------------------------
 #
@@ -303,7 +300,7 @@ class PackedHead:
         return parts.transpose(0, 1).reshape(B, -1)[:, : self.vocab_size]  # (S, B, P) -> (B, V)
 
 
-def decode_head(model: GPT, batch_size: int, choice: HeadChoice = "auto") -> Callable[[Tensor], Tensor]:
+def decode_head(model: nn.Module, batch_size: int, choice: HeadChoice = "auto") -> Callable[[Tensor], Tensor]:
     """The function a decoding step sends its last hidden states (B, C) through, giving (B, V) scores.
 
     Args:
@@ -326,7 +323,7 @@ def decode_head(model: GPT, batch_size: int, choice: HeadChoice = "auto") -> Cal
     return model.head_logits
 
 
-def packed_head(model: GPT) -> PackedHead:
+def packed_head(model: nn.Module) -> PackedHead:
     """The model's linear head as a `PackedHead`, rebuilt only when its weights change.
 
     The copy is cached per model; the key holds the weights' version counters (they move with every
@@ -353,7 +350,7 @@ def reset_decode_heads() -> None:
     _WINS.clear()
 
 
-_PACKED: weakref.WeakKeyDictionary[GPT, tuple[tuple, PackedHead]] = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, PackedHead]] = weakref.WeakKeyDictionary()
 _WINS: dict[tuple, bool] = {}
 _ROUNDS = 5  # timed calls per contender in the one-time measurement (the fastest counts)
 
@@ -363,7 +360,7 @@ def _splits(device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
-def _packed_wins(model: GPT, packed: PackedHead, batch_size: int) -> bool:
+def _packed_wins(model: nn.Module, packed: PackedHead, batch_size: int) -> bool:
     weight = model.lm_head.weight
     key = (weight.device, weight.dtype, tuple(weight.shape), packed.bias is not None, batch_size)
     if key not in _WINS:

@@ -126,7 +126,8 @@ def tokenizer_routes(path: Path) -> dict[str, float]:
 
 def cached_start(text_dir: Path, cache: Path) -> float:
     code = (
-        "import sys, time\nfrom minigpt.data.corpus import CorpusSpec, prepare_corpus\n"
+        "import sys, time\nfrom minigpt.data.corpus import prepare_corpus\n"
+        "from minigpt.data.documents import CorpusSpec\n"
         "t0 = time.perf_counter()\nprepare_corpus(CorpusSpec(source='text', text_path=sys.argv[1]), sys.argv[2])\n"
         "print(time.perf_counter() - t0)"
     )

@@ -9,8 +9,9 @@ import torch
 from conftest import tiny_reviews, write_tar
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from minigpt.data.corpus import Corpus, CorpusSpec, in_validation, prepare_corpus
+from minigpt.data.corpus import Corpus, prepare_corpus
 from minigpt.data.datamodule import IMDBDataModule
+from minigpt.data.documents import CorpusSpec, in_validation
 from minigpt.data.samples import (
     DocumentWindowDataset,
     EpochSampler,
@@ -500,7 +501,8 @@ _MEMORY_PROBE = """
 import sys
 import minigpt.data.build as build
 import minigpt.data.sources as sources
-from minigpt.data.corpus import CorpusSpec, prepare_corpus
+from minigpt.data.corpus import prepare_corpus
+from minigpt.data.documents import CorpusSpec
 sources._READ_BYTES = 64 << 10  # small fixed budgets, so a small corpus shows the difference
 build.CHUNK_CHARS = build.REMAP_IDS = int(sys.argv[3])
 build._workers = lambda: 1  # measure the one process that holds everything

@@ -79,7 +79,7 @@ def _texts(ckpt: dict, text_file: str | None, split: str | None, archive: str | 
         return [docs[i] for i in spread(len(docs), max_docs)]
     if not split:
         return []
-    from minigpt.data.corpus import read_splits, resolve_source
+    from minigpt.data.documents import read_splits, resolve_source
 
     spec, cache = corpus_spec(ckpt, archive)
     kind, path = resolve_source(spec, cache)

@@ -15,7 +15,8 @@ import torch
 
 from minigpt.checkpoint import data_settings, model_from_checkpoint, read_checkpoint
 from minigpt.commands._common import Output
-from minigpt.data.corpus import Corpus, CorpusSpec, encode_documents, prepare_corpus
+from minigpt.data.corpus import Corpus, prepare_corpus
+from minigpt.data.documents import CorpusSpec, encode_documents
 from minigpt.data.sources import DataError, default_cache_dir, read_text_documents
 from minigpt.errors import UserError
 from minigpt.evaluation import evaluate_ids

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.data.corpus import (
-    CACHE_VERSION,
+from minigpt.data.documents import (
     SPLITS,
     CorpusSpec,
     bpe_training_size,
@@ -44,6 +43,8 @@ from minigpt.data.sources import resolve_text_files
 from minigpt.tokenizer import SPECIALS, UNK_ID, Vocab, basic_english
 
 log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # of the entries written here; 2: streamed build, ids in the smallest unsigned dtype
 
 CHUNK_CHARS = 4 << 20  # characters tokenized per unit of work (a few of them are in memory at once)
 REMAP_IDS = 1 << 22  # ids moved to vocabulary ids per step at the end

@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from minigpt.data.corpus import Corpus, CorpusSpec, prepare_corpus
+from minigpt.data.corpus import Corpus, prepare_corpus
+from minigpt.data.documents import CorpusSpec
 from minigpt.data.samples import (
     DocumentWindowDataset,
     EpochSampler,
