@@ -150,6 +150,23 @@ def test_bad_input_is_one_line_and_exit_2(args, message, corpus, run_here, capsy
     assert not (run_here / "lightning_logs").exists()  # nothing written
 
 
+@pytest.mark.parametrize("command", ["fit", "prepare"])
+def test_corrupt_repacked_archive_is_exactly_one_line(command, tiny_archive, run_here, capsys):
+    # A copy whose checksum differs gets a notice only once it has been read: a truncated one is the
+    # error alone, with no notice (nor Lightning's "Seed set to") before it.
+    cut = run_here / "cut.tar.gz"
+    cut.write_bytes(tiny_archive.read_bytes()[:300])
+    args = ["--data.archive", str(cut)]
+    if command == "fit":
+        args = ["--config", str(CONFIGS / "tiny.yaml"), *args]
+    with pytest.raises(SystemExit) as e:
+        main([command, *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("minigpt: error:") and "cut.tar.gz" in err[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A checkpoint trained for a few steps by `minigpt fit` (shared by the generate tests)."""

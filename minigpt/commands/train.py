@@ -199,6 +199,8 @@ def _quiet_lightning() -> None:
         logger = logging.getLogger(name)  # where Lightning's rank_zero_info records are made
         if not any(isinstance(f, _NoTips) for f in logger.filters):
             logger.addFilter(_NoTips())
+    # "Seed set to 42" would stand before any one-line error about the data; the seed is in config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     # Deprecation notices that dependencies raise about each other: nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")

@@ -99,8 +99,8 @@ def _source_documents(spec: CorpusSpec, kind: str, path: Path | None) -> Iterato
     """(role, document): "labelled" (train or val), "extra" (unsup: train only) or "test"."""
     if kind == "imdb":
         assert path is not None
-        check_imdb_archive(path)
         raw = read_imdb(path, ("train", "test", "unsup") if spec.include_unsup else ("train", "test"))
+        check_imdb_archive(path)  # after reading: a corrupt copy is one error line, with no notice before it
         yield from (("labelled", d) for d in raw.pop("train"))
         yield from (("extra", d) for d in raw.pop("unsup", []))
         yield from (("test", d) for d in raw.pop("test"))
