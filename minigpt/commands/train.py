@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import sys
@@ -32,9 +33,10 @@ from minigpt.callbacks import (
     ProgressBar,
     ProgressLog,
 )
-from minigpt.checkpoint import model_config, read_checkpoint, section
+from minigpt.checkpoint import data_settings, model_config, read_checkpoint, section
 from minigpt.checkpointing import RunCheckpoint, use_atomic_writes
 from minigpt.data.datamodule import IMDBDataModule
+from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
 from minigpt.lit_module import LitMiniGPT
 
@@ -143,8 +145,10 @@ class MiniGPTCLI(LightningCLI):
         for key, value in (hp["hyper_parameters"].get("config") or {}).items():
             if key not in ("vocab_size",):
                 cfg["model"]["config"][key] = value
-        data = section(hp).get("data") or {}
-        for key in ("source", "archive", "text_path", "min_freq", "max_size", "include_unsup", "val_fraction"):
+        # Every setting that decides the token ids (CorpusSpec's fields, named as the data module's
+        # arguments), so a new data option is carried over without being listed here.
+        data = data_settings(hp)
+        for key in (f.name for f in dataclasses.fields(CorpusSpec)):
             if key in data and key not in passed:
                 cfg["data"][key] = data[key]
         cfg["data"]["block_size"] = cfg["model"]["config"]["block_size"]
