@@ -317,9 +317,12 @@ def decode_head(model: nn.Module, batch_size: int, choice: HeadChoice = "auto") 
         if choice == "packed":
             raise UserError(f"the packed head needs a linear head, this model's is {model.config.head!r}.")
         return model.head_logits
+    if choice == "auto" and _WINS.get(_win_key(model, batch_size)) is False:
+        return model.head_logits  # measured before: plain wins here, so no packed copy is built
     packed = packed_head(model)
     if choice == "packed" or _packed_wins(model, packed, batch_size):
         return packed
+    _PACKED.pop(model, None)  # plain won: keep no copy of the head that nothing uses
     return model.head_logits
 
 
@@ -360,9 +363,14 @@ def _splits(device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
+def _win_key(model: nn.Module, batch_size: int) -> tuple:
+    weight = model.lm_head.weight
+    return (weight.device, weight.dtype, tuple(weight.shape), model.lm_head.bias is not None, batch_size)
+
+
 def _packed_wins(model: nn.Module, packed: PackedHead, batch_size: int) -> bool:
     weight = model.lm_head.weight
-    key = (weight.device, weight.dtype, tuple(weight.shape), packed.bias is not None, batch_size)
+    key = _win_key(model, batch_size)
     if key not in _WINS:
         hidden = torch.randn(batch_size, weight.size(1), device=weight.device, dtype=weight.dtype)
         best = {"plain": float("inf"), "packed": float("inf")}
