@@ -93,6 +93,7 @@ class GracefulStop(Callback):
     def __init__(self) -> None:
         self.requested = False
         self.saved: Path | None = None
+        self.saved_step: int | None = None
         self._previous = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,11 +122,12 @@ class GracefulStop(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = _run_checkpoint(trainer)
-        saved_step = ckpt._last_global_step_saved if ckpt is not None else None
-        if trainer.global_step > 0 and saved_step != trainer.global_step:
+        saved_steps = (ckpt._last_global_step_saved if ckpt is not None else None, self.saved_step)
+        if trainer.global_step > 0 and trainer.global_step not in saved_steps:
             self.save_last(trainer)
 
     def save_last(self, trainer: pl.Trainer) -> Path:
+        self.saved_step = trainer.global_step
         ckpt = _run_checkpoint(trainer)
         if ckpt is not None and ckpt.save_last:
             self.saved = Path(ckpt.save_last_now(trainer))

@@ -75,7 +75,11 @@ class RunCheckpoint(ModelCheckpoint):
 
     def save_last_now(self, trainer: pl.Trainer) -> str:
         """Save `last.ckpt` now, as the periodic save does (same name, replaced in place); return its path."""
+        previous = self._last_global_step_saved
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Lightning validates once more when a run is asked to stop; that validation must still rank
+        # this step among the best files (ModelCheckpoint skips a step it has already saved).
+        self._last_global_step_saved = previous
         return self.last_model_path
 
 
