@@ -57,7 +57,11 @@ class GPTConfig:
     """"linear": a full `lm_head` over the vocabulary. "adaptive": `nn.AdaptiveLogSoftmaxWithLoss`
     (Grave et al. 2017), exact normalised probabilities at a fraction of the cost for large vocabularies."""
     tie_weights: bool = False
-    """Share the token embedding matrix with the linear head (not possible with the adaptive head)."""
+    """Share the input embedding with the output head. With the linear head, `wte` is `lm_head`'s matrix.
+    With the adaptive head, the input embedding becomes adaptive (Baevski & Auli 2019) and owns no weights:
+    a shortlist token's vector is its row of the head, a tail token's is its row of its cluster's output
+    matrix projected back to `n_embd` through the cluster's projection, so rare words get narrow vectors
+    that learn from both ends of the model."""
     lm_head_bias: bool = True
     """Bias on the output layer: the tutorial's `nn.Linear` head has one, GPT-2's head does not."""
     adaptive_cutoffs: tuple[int, ...] = (2000, 10000)
@@ -105,12 +109,6 @@ class GPTConfig:
             raise ValueError(f"adaptive_div_value must be > 0, got {self.adaptive_div_value!r}.")
         if self.head != "adaptive":
             return
-        if self.tie_weights:
-            raise ValueError(
-                "tie_weights=True cannot be combined with head='adaptive': the adaptive head has no single "
-                "(vocab_size, n_embd) output matrix to share with the token embedding. Set tie_weights=False "
-                "or use head='linear'."
-            )
         used = self.adaptive_cutoffs_used
         if not used:
             raise ValueError(

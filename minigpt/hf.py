@@ -177,7 +177,7 @@ def minigpt_bits_per_character(
     with eval_mode(model):
         return score_texts(
             gpt_nll(model), tokenizer, texts, block_size=block_size, stride=stride, batch_size=batch_size,
-            device=model.transformer.wte.weight.device,
+            device=next(model.parameters()).device,
         ).to_dict()  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
+
 class LitMiniGPT(pl.LightningModule):
     def __init__(
         self,

@@ -53,6 +53,31 @@ def chunked_nll_sum(
     return nll_sum
 
 
+def _float32(x: Tensor) -> torch.autocast:
+    """Autocast off on `x`'s device: `nn.AdaptiveLogSoftmaxWithLoss` writes each cluster's result into a
+    tensor of its input's dtype, which fails when autocast computes the clusters in bfloat16, and its
+    log-softmax over the clusters is better in float32 anyway."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def adaptive_input_embedding(idx: Tensor, adaptive: nn.AdaptiveLogSoftmaxWithLoss) -> Tensor:
+    """Adaptive input embeddings (Baevski & Auli 2019) tied with the adaptive softmax: (...) ids -> (..., C).
+
+    A shortlist token's vector is its row of the head's weight. A token of tail cluster i is its row of the
+    cluster's output matrix (width C / div_value**(i+1)), mapped back to width C by the transpose of the
+    cluster's projection. Every cluster is computed at every position and masked, which costs little at
+    these widths and needs no host synchronisation (unlike selecting each cluster's rows).
+    """
+    short = adaptive.shortlist_size
+    inside = (idx < short).unsqueeze(-1)
+    x = F.embedding(idx.clamp(max=short - 1), adaptive.head.weight[:short]) * inside
+    for lo, hi, (projection, output) in zip(adaptive.cutoffs, adaptive.cutoffs[1:], adaptive.tail):
+        inside = ((idx >= lo) & (idx < hi)).unsqueeze(-1)
+        rows = F.embedding((idx - lo).clamp(0, hi - lo - 1), output.weight) * inside  # (..., width)
+        x = x + rows @ projection.weight  # projection.weight: (width, C)
+    return x
+
+
 def sinusoidal_positions(block_size: int, n_embd: int) -> Tensor:
     """(block_size, n_embd) table of "Attention Is All You Need", as the tutorial's `PositionalEncoding`
     builds it: sin on even features, cos on odd ones."""
@@ -207,11 +232,11 @@ class GPT(nn.Module):
         self.loss_kernel = loss_kernel
         """How the linear head's training loss is computed: "plain" (`chunked_nll_sum`), "fused"
         (`kernels.fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
+        # With the tied adaptive head the input embedding is computed from the head's weights (no wte).
+        wte = {} if self.adaptive_input else dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                **wte, drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)])
             )
         )
         if config.positional == "learned":
@@ -230,8 +255,13 @@ class GPT(nn.Module):
                 div_value=config.adaptive_div_value, head_bias=config.lm_head_bias,
             )  # fmt: skip
         self.apply(self._init_weights)
-        if config.tie_weights:
+        if config.tie_weights and config.head == "linear":
             self.lm_head.weight = self.transformer.wte.weight
+
+    @property
+    def adaptive_input(self) -> bool:
+        """Whether the input embedding is `adaptive_input_embedding` of the adaptive head (no `wte`)."""
+        return self.config.head == "adaptive" and self.config.tie_weights
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -250,7 +280,7 @@ class GPT(nn.Module):
         embeddings (token table and learned positions), but a token table tied to the head counts, as the head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            if not self.config.tie_weights:
+            if not self.config.tie_weights:  # a tied input embedding counts as the head it is
                 n -= self.transformer.wte.weight.numel()
             if self.config.positional == "learned":
                 n -= self.transformer.wpe.weight.numel()
@@ -261,7 +291,7 @@ class GPT(nn.Module):
     ) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `block_size` tokens (on the model's device
         and in its parameter dtype unless given)."""
-        weight = self.transformer.wte.weight
+        weight = self.transformer.h[0].attn.c_attn.weight
         return KVCache(self.config, batch_size, device or weight.device, dtype or weight.dtype)
 
     def forward(
@@ -297,7 +327,10 @@ class GPT(nn.Module):
         B, T = idx.size()
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.adaptive_input:
+            x = adaptive_input_embedding(idx, self.adaptive)  # (B, T, C)
+        else:
+            x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.scale_embedding:
             x = x * math.sqrt(self.config.n_embd)
         if self.config.positional == "learned":
@@ -322,7 +355,8 @@ class GPT(nn.Module):
         """
         if self.config.head == "linear":
             return self.lm_head(hidden)
-        log_probs = self.adaptive.log_prob(hidden.reshape(-1, hidden.size(-1)))
+        with _float32(hidden):
+            log_probs = self.adaptive.log_prob(hidden.reshape(-1, hidden.size(-1)).float())
         return log_probs.view(*hidden.shape[:-1], self.config.vocab_size)
 
     def loss(self, idx: Tensor, targets: Tensor, key_padding_mask: Tensor | None = None, **kw) -> Tensor:
@@ -380,7 +414,8 @@ class GPT(nn.Module):
             return self.head_logits(hidden).float().sum(), count
         if self.config.head == "adaptive":
             # `.output` holds each row's target log-probability.
-            return -self.adaptive(hidden, targets).output.float().sum(), count
+            with _float32(hidden):
+                return -self.adaptive(hidden.float(), targets).output.sum(), count
         workspace = self.__dict__.setdefault("_loss_workspace", kernels.Workspace())
         nll_sum = kernels.fused_linear_nll_sum(
             hidden, self.lm_head.weight, self.lm_head.bias, targets, chunk_size=chunk_size, workspace=workspace
@@ -399,8 +434,10 @@ class GPT(nn.Module):
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"The cache holds {cache.batch_size} sequences but idx has {B}.")
         if cache is not None and cache.pos + T > cache.capacity:
-            raise ValueError(f"Cannot forward sequence of length {T} at cache position {cache.pos}, block_size "
-                             f"is only {block_size}. Crop the context and prefill a reset cache (sliding window).")
+            raise ValueError(
+                f"Cannot forward sequence of length {T} at cache position {cache.pos}, block_size "
+                f"is only {block_size}. Crop the context and prefill a reset cache (sliding window)."
+            )
         if key_padding_mask is not None and key_padding_mask.shape != idx.shape:
             raise ValueError(f"key_padding_mask must have the shape of idx {tuple(idx.shape)}, "
                              f"got {tuple(key_padding_mask.shape)}.")  # fmt: skip

@@ -36,8 +36,16 @@ def bf16():
 
 
 @pytest.mark.parametrize("loss_kernel", ["plain", "fused"])
-@pytest.mark.parametrize("arch", [dict(), dict(norm_first=True, positional="learned", tie_weights=True)],
-                         ids=["seed", "gpt2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(),
+        dict(norm_first=True, positional="learned", tie_weights=True),
+        dict(norm_first=True, positional="learned", head="adaptive", adaptive_cutoffs=(8, 20)),
+        dict(norm_first=True, positional="learned", head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True),
+    ],
+    ids=["seed", "gpt2", "adaptive", "adaptive-input"],
+)
 def test_training_step_under_bf16_autocast_matches_float32(loss_kernel, arch):
     idx, targets = batch()
     models = {"fp32": tiny(loss_kernel, **arch), "bf16": tiny(loss_kernel, **arch)}
@@ -79,6 +87,17 @@ def test_chunked_loss_under_bf16_autocast_equals_the_full_logits_loss(loss_kerne
         for chunk_size in (None, 5, 1):
             torch.testing.assert_close(model.loss(idx, targets, chunk_size=chunk_size), full, atol=1e-5, rtol=0)
     torch.testing.assert_close(full, lm_loss(model(idx), targets), rtol=1e-2, atol=0)  # vs float32: 1%
+
+
+def test_adaptive_head_under_bf16_autocast():
+    # The adaptive head runs in float32 under autocast (see model._float32): exact normalised log-probabilities.
+    model = tiny("plain", head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, norm_first=True)
+    idx, _ = batch(seed=3)
+    with bf16():
+        log_probs = model(idx)
+    assert log_probs.dtype == torch.float32
+    torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(4, 12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_probs.exp(), model(idx).exp(), atol=1e-2, rtol=0)  # vs float32
 
 
 @pytest.fixture

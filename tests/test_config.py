@@ -34,10 +34,6 @@ from minigpt.config import GPTConfig
         (dict(adaptive_cutoffs="8,16"), r"adaptive_cutoffs must be a sequence of integers, got '8,16'"),
         (dict(adaptive_div_value=0.0), r"adaptive_div_value must be > 0, got 0\.0"),
         (
-            dict(head="adaptive", tie_weights=True, adaptive_cutoffs=(8,)),
-            r"tie_weights=True cannot be combined with head='adaptive'",
-        ),
-        (
             dict(head="adaptive", adaptive_cutoffs=(2000, 10000)),
             r"head='adaptive' needs at least one adaptive cutoff below vocab_size=32, "
             r"got adaptive_cutoffs=\(2000, 10000\)",

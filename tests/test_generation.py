@@ -268,6 +268,7 @@ ARCHITECTURES = {
         scale_embedding=False,
     ),
     "adaptive-head": dict(head="adaptive", adaptive_cutoffs=(8, 16)),
+    "adaptive-input": dict(head="adaptive", adaptive_cutoffs=(8, 16), tie_weights=True),
 }  # fmt: skip
 
 
@@ -283,7 +284,9 @@ def test_kv_cache_is_identical_to_recompute_past_block_size(arch):
     assert torch.equal(torch.tensor(cached), torch.tensor(naive))  # atol=0 on ids
 
 
-@pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head"])
+@pytest.mark.parametrize(
+    "arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head", "adaptive-input"]
+)
 def test_kv_cache_with_prompt_longer_than_block_size(arch):
     model = make_model(**ARCHITECTURES[arch])
     prompt = torch.randint(3, 32, (23,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -15,9 +15,9 @@ import pytest
 import tokenizers
 import torch
 import transformers
-from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from minigpt.bpe import BpeTokenizer
+from minigpt.bpe import BpeTokenizer, train_bpe
 from minigpt.checkpoint import load_model, new_checkpoint, save_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.convert import (
@@ -254,6 +254,34 @@ def test_gpt2_flavour_built_in_minigpt_exports_exactly():
         idx = _random_ids(50, (2, 16), seed=3)
         with torch.no_grad():
             torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=0)
+
+
+def test_trained_bpe_model_exports_and_runs_in_transformers_pipeline(tmp_path):
+    # What `--data.tokenizer bpe:N` trains, with a GPT-2-flavour model, exported and used through the
+    # Auto classes and `pipeline` the way a Hugging Face user would.
+    tok = train_bpe(TEXTS, 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.gpt2(vocab_size=len(tok), block_size=32, n_embd=32, n_layer=2, n_head=4, dropout=0.0))
+    save_checkpoint(new_checkpoint(model.eval(), tok), tmp_path / "bpe.ckpt")
+    out = convert_to_hf(tmp_path / "bpe.ckpt", tmp_path / "bpe_hf")
+
+    hf_tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    prompt = "The movie was"
+    ids = hf_tok(prompt)["input_ids"]
+    assert ids == tok.encode(prompt)
+    assert hf_tok.decode(tok.encode(TEXTS[2])) == TEXTS[2]
+    assert hf_tok.eos_token == EOT and hf_tok.eos_token_id == tok.eot_index
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf_model(torch.tensor([ids])).logits[0], model(torch.tensor([ids]))[0], atol=1e-5, rtol=0
+        )
+
+    sampling = SamplingConfig.greedy(max_new_tokens=8)
+    expected = generate_text(model, tok, prompt, sampling)
+    pipe = transformers.pipeline("text-generation", model=hf_model, tokenizer=hf_tok, device="cpu")
+    result = pipe(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)
+    assert result[0]["generated_text"] == expected
 
 
 def test_word_vocab_checkpoint_exports_a_word_level_tokenizer(tmp_path):

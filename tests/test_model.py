@@ -6,10 +6,11 @@ import torch.nn as nn
 from tutorial_model import TransformerModel
 
 from minigpt.config import GPTConfig
-from minigpt.model import GPT, lm_loss
+from minigpt.model import GPT, adaptive_input_embedding, lm_loss
 
 PAD_ID = 1  # <pad> in minigpt's word vocabularies: an input filler here, never a loss default
 IGNORE = -100  # F.cross_entropy's ignore_index, the loss's default
+
 
 def copy_tutorial_weights(model: GPT, ref: TransformerModel) -> None:
     with torch.no_grad():
@@ -70,6 +71,10 @@ ARCHITECTURES = [
     pytest.param(
         dict(positional="sinusoidal", norm_first=True, head="adaptive", adaptive_cutoffs=(8, 20)),
         id="sinusoidal-prenorm-adaptive",
+    ),
+    pytest.param(
+        dict(positional="learned", norm_first=True, head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True),
+        id="learned-prenorm-adaptive-input",
     ),
 ]
 
@@ -271,6 +276,48 @@ def test_adaptive_head_log_probabilities_and_loss():
     for g_fast, g_plain in zip(fast_grads, plain_grads):
         torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=0)
     assert not hasattr(model, "lm_head")
+
+
+def test_adaptive_input_embedding_is_tied_to_the_adaptive_head():
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, n_embd=32)
+    untied = make_model(head="adaptive", adaptive_cutoffs=(8, 20), n_embd=32)
+    assert "wte" not in model.transformer and not any("wte" in k for k in model.state_dict())
+    # The input embedding owns no weights: the tied model is the untied one without its 32 x 32 table.
+    assert model.num_parameters() == untied.num_parameters() - 32 * 32
+    head, (tail1, tail2) = model.adaptive.head, model.adaptive.tail
+    idx = torch.tensor([[0, 7, 8, 19, 20, 31]])
+    x = adaptive_input_embedding(idx, model.adaptive)
+    assert x.shape == (1, 6, 32)
+    torch.testing.assert_close(x[0, 0], head.weight[0])
+    torch.testing.assert_close(x[0, 1], head.weight[7])
+    # Tail cluster 1 holds ids 8..19 at width 32 // 4 = 8, cluster 2 ids 20..31 at width 2.
+    torch.testing.assert_close(x[0, 2], tail1[1].weight[0] @ tail1[0].weight)
+    torch.testing.assert_close(x[0, 3], tail1[1].weight[11] @ tail1[0].weight)
+    torch.testing.assert_close(x[0, 4], tail2[1].weight[0] @ tail2[0].weight)
+    torch.testing.assert_close(x[0, 5], tail2[1].weight[11] @ tail2[0].weight)
+    # A tail token's gradient reaches its own row of the tail and nothing of the shortlist.
+    grad_tail, grad_head = torch.autograd.grad(x[0, 3].sum(), [tail1[1].weight, head.weight])
+    assert grad_tail[11].abs().sum() > 0 and grad_tail[:11].abs().sum() == 0 and grad_tail[12:].abs().sum() == 0
+    assert grad_head.abs().sum() == 0
+
+
+def test_adaptive_input_model_trains_and_reloads(tmp_path):
+    from minigpt.checkpoint import load_model, new_checkpoint, save_checkpoint
+    from minigpt.tokenizer import Vocab
+
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, positional="learned")
+    idx, targets = random_ids(32, 4, 16, seed=3), random_ids(32, 4, 16, seed=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = model.loss(idx, targets).item()
+    for _ in range(20):
+        opt.zero_grad()
+        model.loss(idx, targets).backward()
+        opt.step()
+    assert model.loss(idx, targets).item() < first - 1.0
+    path = tmp_path / "model.ckpt"
+    save_checkpoint(new_checkpoint(model, tokenizer=Vocab.build(["a b c"])), path)
+    reloaded = load_model(path)[0].eval()
+    torch.testing.assert_close(reloaded(idx), model.eval()(idx), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

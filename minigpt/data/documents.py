@@ -86,7 +86,6 @@ def resolve_source(spec: CorpusSpec, cache_dir: Path) -> tuple[str, Path | None]
     return "bundled", None
 
 
-
 def bpe_training_size(tokenizer: str | None) -> int | None:
     if not tokenizer or not tokenizer.startswith("bpe:"):
         return None
