@@ -1,0 +1,6 @@
+"""`python -m minigpt ...` runs the `minigpt` command."""
+
+from minigpt.cli import main
+
+if __name__ == "__main__":
+    main()
