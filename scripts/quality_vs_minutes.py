@@ -86,7 +86,7 @@ def plot(results: dict[str, list[dict]], out: Path, max_docs: int) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, rows in results.items():
         minutes = [r["minutes"] for r in rows]
-        bpc = [r["test"]["bits_per_char"] for r in rows]
+        bpc = [r["test"]["bits_per_character"] for r in rows]
         ax.plot(minutes, bpc, marker="o", label=name)
         ax.annotate(f"{bpc[-1]:.3f}", (minutes[-1], bpc[-1]), textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
@@ -122,11 +122,17 @@ def main() -> None:
     for name in args.recipes:
         for minutes in sorted(args.minutes):
             folder = Path(args.root) / name.split()[0] / f"{minutes:g}min"
-            start = time.time()
-            row = train_and_score(RECIPES[name], minutes, folder, args)
+            start, done = time.time(), folder / "row.json"
+            # A finished run is kept: re-running the script after an interruption only does what is missing.
+            row = (
+                json.loads(done.read_text())
+                if done.is_file()
+                else train_and_score(RECIPES[name], minutes, folder, args)
+            )
+            done.write_text(json.dumps(row))
             results.setdefault(name, []).append(row)
             print(f"{name:22s} {minutes:>4g} min: {row['steps']:>6,} steps  {row['tokens']:>10,} tokens  "
-                  f"{row['tokens_per_s']:>7,.0f} tok/s  test {row['test']['bits_per_char']:.4f} bits/char  "
+                  f"{row['tokens_per_s']:>7,.0f} tok/s  test {row['test']['bits_per_character']:.4f} bits/char  "
                   f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
             Path(args.json).write_text(json.dumps({"max_docs": args.max_docs, "results": results}, indent=1))
     plot(results, Path(args.out), args.max_docs)
