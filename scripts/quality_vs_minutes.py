@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -45,36 +46,31 @@ RECIPES: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path) -> str:
+    """Run a minigpt command; its stdout is returned, its stderr (all of it for `fit`) goes to `log`."""
     with log.open("w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
+    return done.stdout
 
 
-def train_and_score(recipe: list[str], minutes: float, folder: Path, args: argparse.Namespace) -> dict:
+def train_and_score(fit: list[str], seconds: int, folder: Path, max_docs: int) -> dict:
     from minigpt.checkpoint import data_settings, read_checkpoint
 
-    seconds = round(minutes * 60)
-    max_time = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    shutil.rmtree(folder / "lightning_logs", ignore_errors=True)  # a stale run would become version_0
     folder.mkdir(parents=True, exist_ok=True)
-    fit = [sys.executable, "-m", "minigpt", "fit", *recipe, "--data.archive", args.archive,
-           "--trainer.max_time", max_time, "--trainer.default_root_dir", str(folder)]  # fmt: skip
-    run(fit, folder / "fit.log")
+    (folder / "fit.log").write_text(run(fit, folder / "fit.err"))
     ckpt = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
     evaluate = [sys.executable, "-m", "minigpt", "evaluate", "--json", "--ckpt_path", str(ckpt), "--split", "test"]
-    if args.max_docs:
-        evaluate += ["--max_docs", str(args.max_docs)]
-    with (folder / "evaluate.log").open("w") as err:
-        out = subprocess.run(evaluate, stdout=subprocess.PIPE, stderr=err, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(evaluate)} failed (exit {out.returncode}); see {folder / 'evaluate.log'}")
+    if max_docs:
+        evaluate += ["--max_docs", str(max_docs)]
+    scores = json.loads(run(evaluate, folder / "evaluate.log"))
     checkpoint = read_checkpoint(ckpt)
     data = data_settings(checkpoint)
     steps = int(checkpoint["global_step"])
     tokens = steps * int(data["batch_size"]) * int(data["block_size"])  # packed/random blocks: no padding
-    return {"minutes": minutes, "steps": steps, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "test": json.loads(out.stdout)}  # fmt: skip
+    return {"steps": steps, "tokens": tokens, "tokens_per_s": tokens / seconds, "test": scores}
 
 
 def plot(results: dict[str, list[dict]], out: Path, max_docs: int) -> None:
@@ -122,14 +118,19 @@ def main() -> None:
     for name in args.recipes:
         for minutes in sorted(args.minutes):
             folder = Path(args.root) / name.split()[0] / f"{minutes:g}min"
+            seconds = round(minutes * 60)
+            max_time = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+            fit = [sys.executable, "-m", "minigpt", "fit", *RECIPES[name], "--data.archive", args.archive,
+                   "--trainer.max_time", max_time, "--trainer.default_root_dir", str(folder)]  # fmt: skip
             start, done = time.time(), folder / "row.json"
-            # A finished run is kept: re-running the script after an interruption only does what is missing.
-            row = (
-                json.loads(done.read_text())
-                if done.is_file()
-                else train_and_score(RECIPES[name], minutes, folder, args)
-            )
-            done.write_text(json.dumps(row))
+            # A finished run is kept when it ran the same command and was scored the same way: re-running
+            # the script after an interruption only does what is missing.
+            key = {"command": fit[1:], "max_docs": args.max_docs}
+            kept = json.loads(done.read_text()) if done.is_file() else {}
+            if {k: kept.get(k) for k in key} != key:
+                kept = {**key, "minutes": minutes, **train_and_score(fit, seconds, folder, args.max_docs)}
+                done.write_text(json.dumps(kept))
+            row = {k: v for k, v in kept.items() if k not in key}
             results.setdefault(name, []).append(row)
             print(f"{name:22s} {minutes:>4g} min: {row['steps']:>6,} steps  {row['tokens']:>10,} tokens  "
                   f"{row['tokens_per_s']:>7,.0f} tok/s  test {row['test']['bits_per_character']:.4f} bits/char  "
