@@ -21,6 +21,7 @@ from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint, se
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.model import GPT, LossKernel
+from minigpt.optim import MuonWithAdamW, hidden_matrices
 from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class LitMiniGPT(pl.LightningModule):
     def __init__(
         self,
         config: GPTConfig,
-        optimizer: Literal["adam", "adamw"] = "adam",
+        optimizer: Literal["adam", "adamw", "muon"] = "adam",
         lr: float = 1e-2,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -47,8 +48,10 @@ class LitMiniGPT(pl.LightningModule):
         """
         Args:
             config: the model's architecture (``vocab_size`` and ``block_size`` come from the data).
-            optimizer: "adam" (the tutorial's: L2 weight decay on every parameter) or "adamw"
-                (decoupled decay on matrices only, as nanoGPT).
+            optimizer: "adam" (the tutorial's: L2 weight decay on every parameter), "adamw"
+                (decoupled decay on matrices only, as nanoGPT) or "muon" (``minigpt.optim``: Muon for
+                the Transformer blocks' weight matrices, AdamW as "adamw" for everything else, one
+                learning rate and schedule for both).
             lr: peak learning rate.
             weight_decay: weight decay (see ``optimizer``).
             betas: Adam's betas.
@@ -219,7 +222,8 @@ class LitMiniGPT(pl.LightningModule):
             self._note_non_finite(norm, 1)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if self._bad is not None and optimizer.defaults.get("fused"):
+        fused = optimizer.fused if isinstance(optimizer, MuonWithAdamW) else optimizer.defaults.get("fused")
+        if self._bad is not None and fused:
             # The fused optimizer skips its update while `found_inf` is non-zero (the mechanism AMP's
             # GradScaler uses), so a non-finite step never reaches the weights, without a host read.
             optimizer.found_inf = (self._bad[0] >= 0).float()
@@ -229,11 +233,20 @@ class LitMiniGPT(pl.LightningModule):
         hp = self.hparams
         # Never touch trainer.estimated_stepping_batches here: it drops the data loader's
         # saved position on resume (Lightning issue #20550).
-        if hp.optimizer == "adamw":
-            matrices = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-            others = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        if hp.optimizer in ("adamw", "muon"):
+            muon = hidden_matrices(self.model.transformer.h) if hp.optimizer == "muon" else []
+            taken = {id(p) for p in muon}
+            rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
+            matrices = [p for p in rest if p.dim() >= 2]
+            others = [p for p in rest if p.dim() < 2]
             groups = [{"params": matrices, "weight_decay": hp.weight_decay}, {"params": others, "weight_decay": 0.0}]
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_optimizer())
+            if muon:
+                opt = MuonWithAdamW(
+                    muon, groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
+                    fused=self._fused_optimizer(),
+                )  # fmt: skip
+            else:
+                opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_optimizer())
         else:
             opt = torch.optim.Adam(
                 self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,

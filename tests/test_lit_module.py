@@ -25,10 +25,10 @@ class RecordBatches(Callback):
             self.val_losses[trainer.global_step] = float(trainer.callback_metrics["val_loss"])
 
 
-def make(tiny_corpus, tmp_path, **model_kw):
+def make(tiny_corpus, tmp_path, optimizer="adamw", **model_kw):
     dm = IMDBDataModule(source="text", text_path=str(tiny_corpus), block_size=8, batch_size=4, val_fraction=0.2)
     cfg = GPTConfig.tiny(vocab_size=dm.vocab_size, block_size=8, dropout=0.1)
-    return dm, LitMiniGPT(cfg, optimizer="adamw", lr=3e-3, scheduler="constant", **model_kw)
+    return dm, LitMiniGPT(cfg, optimizer=optimizer, lr=3e-3, scheduler="constant", **model_kw)
 
 
 @pytest.fixture
@@ -57,10 +57,11 @@ def trainer(tmp_path, max_steps, callbacks, **kw):
     return Trainer(**(settings | kw))
 
 
-def test_resume_mid_epoch_is_exact(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_mid_epoch_is_exact(tiny_corpus, tmp_path, optimizer):
     # straight: 2k steps
     seed_everything(1)
-    dm, lit = make(tiny_corpus, tmp_path)
+    dm, lit = make(tiny_corpus, tmp_path, optimizer)
     dm.setup("fit")
     steps_per_epoch = len(dm.train_dataloader())
     k = steps_per_epoch + 3  # stop in the middle of the second epoch
@@ -70,12 +71,12 @@ def test_resume_mid_epoch_is_exact(tiny_corpus, tmp_path):
 
     # interrupted: k steps, checkpoint, then a new process-like start that resumes to 2k
     seed_everything(1)
-    dm, lit = make(tiny_corpus, tmp_path)
+    dm, lit = make(tiny_corpus, tmp_path, optimizer)
     first = RecordBatches()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=k, save_top_k=0)
     trainer(tmp_path / "b", k, [first, ckpt]).fit(lit, datamodule=dm)
     seed_everything(123)  # the resumed process starts from a different random state
-    dm, lit = make(tiny_corpus, tmp_path)
+    dm, lit = make(tiny_corpus, tmp_path, optimizer)
     second = RecordBatches()
     trainer(tmp_path / "b", 2 * k, [second]).fit(lit, datamodule=dm, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
 
@@ -249,7 +250,8 @@ def test_cosine_without_any_limit_is_refused(tiny_corpus, tmp_path):
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
 
-def test_training_steps_read_nothing_on_the_host_except_on_logging_steps(tiny_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_steps_read_nothing_on_the_host_except_on_logging_steps(tiny_corpus, tmp_path, monkeypatch, optimizer):
     # On CUDA, reading a tensor's value on the host (bool(t), t.item(), float(t), ...) waits for the device.
     # CPU proxy: count those reads while each training step runs (forward, loss, backward, clipping, the
     # optimizer and the scheduler). Only logging steps (every 3rd here) may read. The meta-device test in
@@ -276,7 +278,7 @@ def test_training_steps_read_nothing_on_the_host_except_on_logging_steps(tiny_co
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.per_step.append((self.logging, reads[0]))
 
-    dm, lit = make(tiny_corpus, tmp_path, loss_kernel="plain")
+    dm, lit = make(tiny_corpus, tmp_path, optimizer, loss_kernel="plain")
     count = Count()
     t = trainer(tmp_path, 12, [count], log_every_n_steps=3, enable_checkpointing=False, limit_val_batches=0)
     for name in HOST_READS:
@@ -287,10 +289,11 @@ def test_training_steps_read_nothing_on_the_host_except_on_logging_steps(tiny_co
     assert all(n > 0 for logging, n in count.per_step if logging)  # the proxy does see host reads
 
 
-def test_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_weights_finite(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_weights_finite(tiny_corpus, tmp_path, optimizer):
     # lr 1e6: the first step moves every weight by ~1e6, a later loss is not finite. The check runs on
     # logging steps (every 50th: never here) and before every checkpoint (every step here).
-    dm, lit = make(tiny_corpus, tmp_path)
+    dm, lit = make(tiny_corpus, tmp_path, optimizer)
     lit.hparams.lr = 1e6
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
     t = trainer(tmp_path, 50, [ckpt], log_every_n_steps=50, gradient_clip_val=None, limit_val_batches=0)
@@ -299,5 +302,5 @@ def test_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_weights_finite(
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] < t.global_step
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
-    # The fused optimizer skipped every update after the bad step, without a host read.
+    # The fused optimizer (and Muon beside it) skipped every update after the bad step, without a host read.
     assert all(torch.isfinite(p).all() for p in lit.parameters())

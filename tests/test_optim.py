@@ -1,0 +1,122 @@
+import copy
+
+import pytest
+import torch
+
+from minigpt.config import GPTConfig
+from minigpt.lit_module import LitMiniGPT
+from minigpt.model import GPT
+from minigpt.optim import MuonWithAdamW, hidden_matrices
+
+
+def model_and_batch(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.tiny(vocab_size=50, block_size=8, dropout=0.0))
+    x = torch.randint(0, 50, (4, 8))
+    return model, x, torch.roll(x, -1, dims=1)
+
+
+def split(model):
+    muon = hidden_matrices(model.transformer.h)
+    taken = {id(p) for p in muon}
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    return muon, [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+
+
+def combined(model, fused=None):
+    muon, groups = split(model)
+    return MuonWithAdamW(muon, groups, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
+
+
+def train(model, opt, x, y, steps, scheduler=None):
+    for _ in range(steps):
+        model.loss(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+
+def test_muon_takes_exactly_the_blocks_weight_matrices():
+    model, _, _ = model_and_batch()
+    muon = hidden_matrices(model.transformer.h)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in muon)}
+    expected = {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert names == expected and all(".attn." in n or ".mlp." in n for n in names)
+    assert not any("wte" in n or "wpe" in n or "head" in n for n in names)
+
+
+def test_steps_like_muon_and_adamw_side_by_side():
+    model, x, y = model_and_batch()
+    twin, start = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    train(model, combined(model), x, y, 3)
+
+    muon, groups = split(twin)
+    parts = [torch.optim.Muon(muon, lr=1e-2, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw"),
+             torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))]  # fmt: skip
+    for _ in range(3):
+        twin.loss(x, y).backward()
+        for opt in parts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # every weight learned
+
+
+def test_a_scheduler_drives_both_halves():
+    model, x, y = model_and_batch()
+    opt = combined(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    train(model, opt, x, y, 2, sched)
+    assert [g["lr"] for g in opt.muon.param_groups + opt.adamw.param_groups] == [pytest.approx(2.5e-3)] * 3
+
+
+def test_state_dict_resumes_exactly():
+    model, x, y = model_and_batch()
+    opt = combined(model)
+    train(model, opt, x, y, 2)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert len(saved_opt["state"]) == sum(1 for _ in model.parameters())  # momenta of both halves
+    train(model, opt, x, y, 2)
+
+    again, _, _ = model_and_batch(seed=1)
+    again.load_state_dict(saved_model)
+    opt2 = combined(again)
+    opt2.load_state_dict(saved_opt)
+    train(again, opt2, x, y, 2)
+    for (name, a), b in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(a, b), name
+    assert opt2.muon.state is opt2.adamw.state is opt2.state  # still shared after loading
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0])
+def test_found_inf_skips_the_whole_step_on_the_device(bad):
+    model, x, y = model_and_batch()
+    opt = combined(model, fused=True)
+    train(model, opt, x, y, 1)  # momenta exist
+    before = copy.deepcopy(model.state_dict())
+    matrices = opt.muon.param_groups[0]["params"]
+    momenta = {id(p): opt.state[p]["momentum_buffer"].clone() for p in matrices}
+    model.loss(x, y).backward()
+    opt.found_inf = torch.tensor(bad)
+    opt.step()
+    changed = {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
+    moved = [not torch.equal(opt.state[p]["momentum_buffer"], momenta[id(p)]) for p in matrices]
+    if bad:
+        assert not any(changed.values()) and not any(moved)
+    else:
+        assert all(changed.values()) and all(moved)
+
+
+def test_lit_module_builds_muon_with_adamw_for_the_rest():
+    cfg = GPTConfig.tiny(vocab_size=50, block_size=8)
+    lit = LitMiniGPT(cfg, optimizer="muon", lr=3e-3, weight_decay=0.1, scheduler="constant")
+    opt = lit.configure_optimizers()["optimizer"]
+    assert isinstance(opt, MuonWithAdamW)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon == {id(p) for p in hidden_matrices(lit.model.transformer.h)}
+    assert muon.isdisjoint(adamw) and muon | adamw == {id(p) for p in lit.parameters()}
+    assert [g["weight_decay"] for g in opt.adamw.param_groups] == [0.1, 0.0]
