@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 
 from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint, section
@@ -234,6 +235,15 @@ class LitMiniGPT(pl.LightningModule):
         # Never touch trainer.estimated_stepping_batches here: it drops the data loader's
         # saved position on resume (Lightning issue #20550).
         if hp.optimizer in ("adamw", "muon"):
+            if (
+                hp.optimizer == "muon"
+                and self._trainer is not None
+                and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+            ):
+                raise UserError(
+                    "model.optimizer muon orthogonalises whole weight matrices, which a sharding strategy "
+                    "splits across processes; use --trainer.strategy ddp or --model.optimizer adamw"
+                )
             muon = hidden_matrices(self.model.transformer.h) if hp.optimizer == "muon" else []
             taken = {id(p) for p in muon}
             rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]

@@ -120,3 +120,16 @@ def test_lit_module_builds_muon_with_adamw_for_the_rest():
     assert muon == {id(p) for p in hidden_matrices(lit.model.transformer.h)}
     assert muon.isdisjoint(adamw) and muon | adamw == {id(p) for p in lit.parameters()}
     assert [g["weight_decay"] for g in opt.adamw.param_groups] == [0.1, 0.0]
+
+
+def test_muon_is_refused_with_a_sharding_strategy():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from minigpt.errors import UserError
+
+    lit = LitMiniGPT(GPTConfig.tiny(vocab_size=50, block_size=8), optimizer="muon", scheduler="constant")
+    lit._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(UserError, match="use --trainer.strategy ddp or --model.optimizer adamw"):
+        lit.configure_optimizers()
