@@ -11,8 +11,8 @@ split (all 25,000 with `--max_docs 0`, which takes much longer for the tutorial'
 
 Recipes:
 - tutorial: `configs/seed.yaml`, the PyTorch tutorial's model and training loop (batch 1, block 30);
-- previous: the recipe `configs/imdb.yaml` held before adaptive input embeddings (issue 8's, with the
-  budget-following schedule), written here as overrides of today's imdb.yaml;
+- previous: the recipe `configs/imdb.yaml` held before issue 15 (issue 8's, with the budget-following
+  schedule), written here as overrides of today's imdb.yaml;
 - imdb.yaml: today's recommended recipe.
 
 The JSON holds, per run, the optimizer steps, tokens trained on, tokens per second of training time and
@@ -23,6 +23,7 @@ minutes are wall-clock minutes of training, so anything else running costs steps
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -41,6 +42,7 @@ RECIPES: dict[str, list[str]] = {
         "--model.config.tie_weights", "false", "--model.config.adaptive_cutoffs", "[2000, 10000]",
         "--model.config.adaptive_div_value", "4.0", "--model.lr", "0.004", "--model.min_lr", "0.0004",
         "--model.warmup_steps", "100", "--data.batch_size", "64", "--data.block_size", "64",
+        "--model.optimizer", "adamw", "--data.min_freq", "1",
     ],
     "imdb.yaml": ["--config", str(ROOT / "configs/imdb.yaml")],
 }  # fmt: skip
@@ -71,6 +73,15 @@ def train_and_score(fit: list[str], seconds: int, folder: Path, max_docs: int) -
     steps = int(checkpoint["global_step"])
     tokens = steps * int(data["batch_size"]) * int(data["block_size"])  # packed/random blocks: no padding
     return {"steps": steps, "tokens": tokens, "tokens_per_s": tokens / seconds, "test": scores}
+
+
+def config_digests(command: list[str]) -> dict[str, str]:
+    """SHA-256 of each `--config` file the command reads: the same command on an edited config is another run."""
+    return {
+        path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        for flag, path in zip(command, command[1:])
+        if flag == "--config"
+    }
 
 
 def plot(results: dict[str, list[dict]], out: Path, max_docs: int) -> None:
@@ -123,9 +134,9 @@ def main() -> None:
             fit = [sys.executable, "-m", "minigpt", "fit", *RECIPES[name], "--data.archive", args.archive,
                    "--trainer.max_time", max_time, "--trainer.default_root_dir", str(folder)]  # fmt: skip
             start, done = time.time(), folder / "row.json"
-            # A finished run is kept when it ran the same command and was scored the same way: re-running
-            # the script after an interruption only does what is missing.
-            key = {"command": fit[1:], "max_docs": args.max_docs}
+            # A finished run is kept when it ran the same command on the same config files and was scored
+            # the same way: re-running the script after an interruption only does what is missing.
+            key = {"command": fit[1:], "configs": config_digests(fit), "max_docs": args.max_docs}
             kept = json.loads(done.read_text()) if done.is_file() else {}
             if {k: kept.get(k) for k in key} != key:
                 kept = {**key, "minutes": minutes, **train_and_score(fit, seconds, folder, args.max_docs)}

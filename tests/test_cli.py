@@ -543,6 +543,16 @@ def test_python_dash_m_runs_the_cli():
     assert out.returncode == 0 and "minigpt" in out.stdout and "fit" in out.stdout
 
 
+def test_quality_script_reruns_a_command_whose_config_file_changed(quality_script, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model:\n  lr: 0.01\n")
+    command = ["python", "-m", "minigpt", "fit", "--config", str(config), "--trainer.max_time", "00:00:01:00"]
+    before = quality_script.config_digests(command)
+    assert list(before) == [str(config)]
+    config.write_text("model:\n  lr: 0.02\n")
+    assert quality_script.config_digests(command) != before
+
+
 def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path):
     rows = [{"minutes": m, "test": {"bits_per_character": 2.0 / m}} for m in (1, 2, 5, 10)]
     out = tmp_path / "q.png"
