@@ -57,6 +57,15 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _first_sentence(message: str) -> str:
+    """The first line of an error, with the line after it when the first only names the key (jsonargparse
+    writes 'Parser key "model.optimizer":' and says what was wrong on the next line)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def _is_user_error(err: BaseException) -> bool:
     """Errors that are about the input, not bugs: minigpt's own, and the argument parsers'."""
     kinds: list[type] = [UserError]
@@ -166,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if os.environ.get("MINIGPT_DEBUG") == "1":
             traceback.print_exc()
-        message = str(err).strip()
-        _fail(message.splitlines()[0] if message else type(err).__name__)
+        _fail(_first_sentence(str(err)) or type(err).__name__)
 
 
 if __name__ == "__main__":

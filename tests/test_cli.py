@@ -129,6 +129,7 @@ def test_prepare_json(corpus, capsys):
         (["fit", "--data.batch_size", "0"], "batch_size must be >= 1"),
         (["fit", "--model.config.dropout", "-0.1"], "dropout"),
         (["fit", "--data.min_freq", "0"], "min_freq"),
+        (["fit", "--model.optimizer", "muonx"], "Literal['adam', 'adamw', 'muon']. Got value: muonx"),
         (["fit", "--data.archive", "/no/such/aclImdb_v1.tar.gz"], "does not exist"),
         (["validate", "--ckpt_path", "/no/such.ckpt"], "does not exist"),
         (["prepare", "--data.source", "text", "--data.text_path", "/no/such/dir"], "does not exist"),
