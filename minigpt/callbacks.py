@@ -189,14 +189,18 @@ class ProgressLog(Callback):
         self._start_step = 0
         self._last_step: int | None = None
         self._tokens = 0
+        # The epoch of the last trained batch: when a run stops (max_steps, max_time, Ctrl-C) Lightning has
+        # already counted that epoch as done by on_train_end, so trainer.current_epoch is one ahead there.
+        self._epoch: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = self._last_time = time.monotonic()
-        self._start_step, self._last_step, self._tokens = trainer.global_step, None, 0
+        self._start_step, self._last_step, self._tokens, self._epoch = trainer.global_step, None, 0, None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         self._tokens += x.numel() * trainer.world_size  # no device sync: padding included
+        self._epoch = trainer.current_epoch
         step, now = trainer.global_step, time.monotonic()
         every = max(1, trainer.log_every_n_steps)
         if self._last_step is None:
@@ -224,7 +228,7 @@ class ProgressLog(Callback):
             eta = left if eta is None else min(eta, left)
         parts = [
             f"step {step}" + (f"/{total}" if total else ""),
-            f"epoch {trainer.current_epoch}",
+            f"epoch {trainer.current_epoch if self._epoch is None else self._epoch}",
             f"train_loss {float(loss):.4f}" if loss is not None else "train_loss -",
             f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s",
             f"elapsed {_clock(elapsed)}",

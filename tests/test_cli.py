@@ -310,6 +310,14 @@ def test_quiet_start_early_validation_progress_lines_and_one_lr_curve(corpus, ru
     assert "Tip:" not in caplog.text
 
 
+def test_last_progress_line_names_the_epoch_of_the_last_step(corpus, run_here, capsys):
+    # 7 steps of a longer epoch, no logging step before the end: the line printed when training ends
+    # must not say epoch 1 (Lightning has counted the stopped epoch as done by then).
+    fit(corpus, "--trainer.max_steps", "7", "--trainer.log_every_n_steps", "50")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 1 and lines[0].startswith("step 7/7  epoch 0  ")
+
+
 def test_progress_log_every_n_steps_or_30_s_whichever_is_later():
     from types import SimpleNamespace
 
@@ -320,7 +328,7 @@ def test_progress_log_every_n_steps_or_30_s_whichever_is_later():
     printed = []
     cb._print = lambda trainer, step, now: (printed.append(step), setattr(cb, "_last_step", step),
                                             setattr(cb, "_last_time", now))  # fmt: skip
-    trainer = SimpleNamespace(global_step=0, log_every_n_steps=5, world_size=1)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=5, world_size=1, current_epoch=0)
     import minigpt.callbacks as callbacks
 
     real = callbacks.time.monotonic
