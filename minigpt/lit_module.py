@@ -223,8 +223,7 @@ class LitMiniGPT(pl.LightningModule):
             self._note_non_finite(norm, 1)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        fused = optimizer.fused if isinstance(optimizer, MuonWithAdamW) else optimizer.defaults.get("fused")
-        if self._bad is not None and fused:
+        if self._bad is not None and optimizer.defaults.get("fused"):
             # The fused optimizer skips its update while `found_inf` is non-zero (the mechanism AMP's
             # GradScaler uses), so a non-finite step never reaches the weights, without a host read.
             optimizer.found_inf = (self._bad[0] >= 0).float()

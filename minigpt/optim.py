@@ -47,6 +47,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=fused)
         self._n_muon_groups = len(self.muon.param_groups)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+        # Set after the groups exist, so Muon's groups do not get the key: callers read defaults["fused"]
+        # to know that a non-finite step can be skipped on the device through found_inf (see `step`).
+        self.defaults["fused"] = self.adamw.defaults["fused"]
         self._share()
 
     def _share(self) -> None:
@@ -54,11 +57,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         n = self._n_muon_groups
         self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
         self.muon.state = self.adamw.state = self.state
-
-    @property
-    def fused(self) -> bool:
-        """Whether a non-finite step can be skipped on the device through ``found_inf`` (see ``step``)."""
-        return bool(self.adamw.defaults.get("fused"))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # replaces self.state and self.param_groups
@@ -76,15 +74,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         else:
             # Like fused AdamW, skip the update while found_inf is non-zero, without a host read: Muon has
             # no found_inf, so its matrices and momenta are put back where the step must not count.
-            params = [p for g in self.muon.param_groups for p in g["params"] if p.grad is not None]
-            before = [(p, p.clone(), self.state[p].get("momentum_buffer")) for p in params]
-            before = [(p, old, None if buf is None else buf.clone()) for p, old, buf in before]
+            before = []
+            for p in (p for g in self.muon.param_groups for p in g["params"] if p.grad is not None):
+                buf = self.state[p].get("momentum_buffer")
+                before.append((p, p.clone(), 0.0 if buf is None else buf.clone()))
             self.muon.step()
             skip = found_inf.bool()
             for p, old, old_buf in before:
                 p.copy_(torch.where(skip, old, p))
                 buf = self.state[p]["momentum_buffer"]
-                buf.copy_(torch.where(skip, torch.zeros_like(buf) if old_buf is None else old_buf, buf))
+                buf.copy_(torch.where(skip, old_buf, buf))
         self.adamw.found_inf = found_inf
         self.adamw.step()
         return loss

@@ -109,7 +109,7 @@ class MiniGPTCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             # The classes validate their arguments in their constructors: that is bad input.
-            raise UserError(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)) from err
+            raise UserError(str(err).strip() or repr(err)) from err  # cli.py prints its first sentence
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
