@@ -10,8 +10,9 @@ References: nanoGPT `model.py` (`GPTConfig`) and litgpt `litgpt/config.py` (`Con
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-Positional = Literal["sinusoidal", "learned"]
-Activation = Literal["relu", "gelu", "gelu_tanh"]
+Positional = Literal["sinusoidal", "learned", "rotary"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "relu2", "swiglu"]
+Norm = Literal["layernorm", "rmsnorm"]
 Head = Literal["linear", "adaptive"]
 
 
@@ -40,12 +41,26 @@ class GPTConfig:
 
     # Transformer block
     positional: Positional = "sinusoidal"
-    """"sinusoidal": the tutorial's fixed encoding (no parameters); "learned": a GPT-2 style `wpe` table."""
+    """"sinusoidal": the tutorial's fixed encoding added to the embeddings (no parameters); "learned": a GPT-2
+    style `wpe` table; "rotary": no position is added, queries and keys are rotated by their position
+    (RoFormer, Su et al. 2021; the half-split layout of GPT-NeoX and LLaMA in transformers)."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies (only with positional="rotary")."""
     norm_first: bool = False
     """False: post-norm like `nn.TransformerEncoderLayer` (the tutorial). True: pre-norm like GPT-2,
     which also adds a final LayerNorm `ln_f` before the head."""
     activation: Activation = "relu"
-    """"gelu_tanh" is GPT-2's tanh approximation of GELU ("gelu_new" in transformers)."""
+    """"gelu_tanh" is GPT-2's tanh approximation of GELU ("gelu_new" in transformers); "relu2" is ReLU
+    squared (So et al. 2021, modded-nanogpt); "swiglu" gates SiLU with a second projection (Shazeer 2020),
+    so `c_fc` is twice `d_ff` wide."""
+    norm: Norm = "layernorm"
+    """"layernorm": `nn.LayerNorm` (the tutorial, GPT-2); "rmsnorm": `nn.RMSNorm` (no centring, no bias)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (with a learned gain) before attention (Henry et al. 2020),
+    which bounds the attention logits."""
+    zero_init_proj: bool = False
+    """Start the attention and MLP output projections at zero, so every block begins as the identity on
+    the residual stream (modded-nanogpt); False keeps the tutorial's Xavier-uniform init."""
     scale_embedding: bool = True
     """Multiply token embeddings by sqrt(n_embd), as the tutorial (and "Attention Is All You Need") does."""
     bias: bool = True
@@ -93,6 +108,14 @@ class GPTConfig:
         _check_literal("positional", self.positional, Positional)
         _check_literal("activation", self.activation, Activation)
         _check_literal("head", self.head, Head)
+        _check_literal("norm", self.norm, Norm)
+        if self.positional == "rotary" and self.head_size % 2:
+            raise ValueError(
+                f"positional='rotary' rotates pairs of features, so n_embd // n_head must be even, got "
+                f"{self.head_size} (n_embd={self.n_embd}, n_head={self.n_head})."
+            )
+        if not self.rope_base > 1:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}.")
         self._check_adaptive()
 
     def _check_adaptive(self) -> None:

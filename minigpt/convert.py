@@ -157,6 +157,12 @@ def gpt2_export_blockers(config: GPTConfig) -> list[str]:
         reasons.append("GPT-2 does not multiply token embeddings by sqrt(n_embd) (scale_embedding=True)")
     if config.activation not in _ACTIVATION_TO_HF:
         reasons.append(f"activation {config.activation!r} has no GPT-2 equivalent")
+    if config.positional == "rotary":
+        reasons.append("GPT-2 adds learned positions; rotary positions (positional='rotary') have no equivalent")
+    if config.norm != "layernorm":
+        reasons.append(f"GPT-2 normalises with LayerNorm, not {config.norm!r}")
+    if config.qk_norm:
+        reasons.append("GPT-2 does not normalise queries and keys (qk_norm=True)")
     return reasons
 
 

@@ -1,16 +1,18 @@
 """A GPT-style causal language model in pure PyTorch (no Lightning), with a KV cache for generation.
 
-One module covers two flavours chosen by `GPTConfig`:
+One module covers the flavours `GPTConfig` chooses between:
 
 - the PyTorch tutorial's "causal encoder" (`GPTConfig.seed`): scaled token embedding + sinusoidal
   positions, post-norm blocks computing exactly what `nn.TransformerEncoderLayer(norm_first=False)`
   computes, and a linear head reading the encoder output (the tutorial's head read the embeddings);
-- GPT-2 (`GPTConfig.gpt2`): learned positions, pre-norm blocks, a final `ln_f` and a tied head.
+- GPT-2 (`GPTConfig.gpt2`): learned positions, pre-norm blocks, a final `ln_f` and a tied head;
+- the modern block's options: RMSNorm, rotary positions, ReLU² or SwiGLU, QK-norm, zero-initialised
+  output projections, no biases, and an adaptive softmax whose clusters also embed the input.
 
 Module names follow nanoGPT/GPT-2 (`transformer.wte`, `transformer.h[i].attn.c_attn`, `lm_head`) so
 GPT-2 weights map across; `c_attn` rows are [q; k; v], the layout of `nn.MultiheadAttention.in_proj_weight`.
 The training loss is plain `F.cross_entropy` over chunks of the head; an optional fused kernel lives in
-`minigpt/kernels.py` (`GPT.loss_kernel`).
+`minigpt.kernels` (`GPT.loss_kernel`). Caches live in `minigpt.cache`.
 
 References: karpathy/nanoGPT `model.py`, Lightning-AI/litgpt `litgpt/model.py` (`chunked_cross_entropy`),
 the PyTorch tutorial "Language Modeling with nn.Transformer", and Grave et al. 2017 (adaptive softmax).
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minigpt import kernels
+from minigpt.cache import Cache, KVCache, attention_mask
 from minigpt.config import GPTConfig
 
 LossKernel = Literal["auto", "plain", "fused"]
@@ -90,74 +93,61 @@ def sinusoidal_positions(block_size: int, n_embd: int) -> Tensor:
     return pe
 
 
-class KVCache:
-    """Keys and values of every layer for the positions generated so far.
+def rotary_tables(block_size: int, head_size: int, base: float) -> tuple[Tensor, Tensor]:
+    """(block_size, head_size // 2) cosines and sines of the rotary angles position * base**(-2i / head_size)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float) / head_size)
+    angles = torch.arange(block_size, dtype=torch.float)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
 
-    Slots are filled left to right: `pos` tokens have been written. Padding is remembered per slot so
-    later tokens never attend to pad keys.
 
-    Attributes:
-        k: Per layer, (B, n_head, block_size, head_size) keys.
-        v: Per layer, (B, n_head, block_size, head_size) values.
-        key_padding_mask: (B, block_size) bool, True where the slot holds a pad token.
-        pos: Number of slots filled so far.
-    """
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate feature pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles of (..., T, hs/2) `cos`/`sin`
+    (transformers' `rotate_half` layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    def __init__(
-        self, config: GPTConfig, batch_size: int, device: torch.device | None, dtype: torch.dtype | None
-    ) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.key_padding_mask = torch.zeros(batch_size, config.block_size, dtype=torch.bool, device=device)
-        self.pos = 0
-        # Whether any padding mask was ever given: without one, decoding needs no explicit attention mask.
-        self.has_padding = False
 
-    @property
-    def batch_size(self) -> int:
-        return self.key_padding_mask.size(0)
-
-    @property
-    def capacity(self) -> int:
-        """Number of slots (the model's block_size)."""
-        return self.key_padding_mask.size(1)
-
-    def reset(self) -> None:
-        """Forget the cached positions (the tensors are reused)."""
-        self.pos, self.has_padding = 0, False
-        self.key_padding_mask.zero_()
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """The block's normalisation over `dim` features: LayerNorm (with a bias when `config.bias`) or RMSNorm."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection, through `scaled_dot_product_attention`."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_size, eps=config.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_size, eps=config.layer_norm_eps)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.qk_norm, self.layer = config.qk_norm, layer
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-        kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn_mask: Tensor | None, is_causal: bool,
+        cache: Cache | None,
     ) -> Tensor:  # fmt: skip
-        """Attend from x (B, T, C), at slots start .. start+T-1, to the keys allowed by the mask.
+        """Attend from x (B, T, C) to the keys allowed by the mask.
 
-        `attn_mask` is bool (B, 1, T, S), True where a query may attend to a key; None with `is_causal` for
-        causal attention, or None alone when every key may be seen. `kv` is this layer's (k, v) cache: the
-        new keys/values are written at slots start .. start+T-1 and attention reads slots 0 .. start+T-1.
+        `rope` is the rotary (cos, sin) of the new tokens' positions, (T or B x T, hs/2), or None. `attn_mask` is
+        bool (B, 1, T, S), True where a query may attend to a key; None with `is_causal` for causal attention,
+        or None alone when every key may be seen. With a `cache` the new keys/values are stored and attention
+        reads every key the cache holds for this layer.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            # The cache may be kept in another dtype than autocast's compute dtype.
-            k = k_cache[:, :, : start + T].to(q.dtype)  # (B, nh, S, hs)
-            v = v_cache[:, :, : start + T].to(q.dtype)  # (B, nh, S, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer)  # (B, nh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
@@ -165,19 +155,24 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward block: c_proj(dropout(activation(c_fc(x))))."""
+    """Position-wise feed-forward block: c_proj(dropout(activation(c_fc(x)))); SwiGLU splits c_fc in two."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        width = 2 * config.d_ff if config.activation == "swiglu" else config.d_ff
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.activation = config.activation
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.c_fc(x)
-        if self.activation == "relu":
+        if self.activation == "swiglu":
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        elif self.activation in ("relu", "relu2"):
             x = F.relu(x)
+            x = x * x if self.activation == "relu2" else x
         else:
             x = F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.c_proj(self.dropout(x))
@@ -193,25 +188,25 @@ class Block(nn.Module):
         x = ln_2(x + drop(mlp(x)))            x = x + drop(mlp(ln_2(x)))
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
         self.norm_first = config.norm_first
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-        kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn_mask: Tensor | None, is_causal: bool,
+        cache: Cache | None,
     ) -> Tensor:  # fmt: skip
         """See `CausalSelfAttention.forward` for the arguments; returns (B, T, C)."""
         if self.norm_first:
-            x = x + self.dropout(self.attn(self.ln_1(x), attn_mask, is_causal, kv, start))
+            x = x + self.dropout(self.attn(self.ln_1(x), rope, attn_mask, is_causal, cache))
             x = x + self.dropout(self.mlp(self.ln_2(x)))
         else:
-            x = self.ln_1(x + self.dropout(self.attn(x, attn_mask, is_causal, kv, start)))
+            x = self.ln_1(x + self.dropout(self.attn(x, rope, attn_mask, is_causal, cache)))
             x = self.ln_2(x + self.dropout(self.mlp(x)))
         return x
 
@@ -234,19 +229,20 @@ class GPT(nn.Module):
         (`kernels.fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
         # With the tied adaptive head the input embedding is computed from the head's weights (no wte).
         wte = {} if self.adaptive_input else dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
-        self.transformer = nn.ModuleDict(
-            dict(
-                **wte, drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-            )
-        )
+        blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
+        self.transformer = nn.ModuleDict(dict(**wte, drop=nn.Dropout(config.dropout), h=blocks))
+        # Fixed functions of the position (sinusoidal, rotary) are rebuilt at init, so they stay out of checkpoints.
         if config.positional == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            # A fixed function of the position: rebuilt at init, so it stays out of checkpoints.
+        elif config.positional == "sinusoidal":
             self.register_buffer("sinusoidal", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        else:
+            cos, sin = rotary_tables(config.block_size, config.head_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         if config.norm_first:
-            # Pre-norm leaves the residual stream unnormalised; post-norm blocks already end in a LayerNorm.
-            self.transformer["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+            # Pre-norm leaves the residual stream unnormalised; post-norm blocks already end in a norm.
+            self.transformer["ln_f"] = make_norm(config, config.n_embd)
         if config.head == "linear":
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         else:
@@ -255,6 +251,10 @@ class GPT(nn.Module):
                 div_value=config.adaptive_div_value, head_bias=config.lm_head_bias,
             )  # fmt: skip
         self.apply(self._init_weights)
+        if config.zero_init_proj:
+            for block in blocks:
+                nn.init.zeros_(block.attn.c_proj.weight)
+                nn.init.zeros_(block.mlp.c_proj.weight)
         if config.tie_weights and config.head == "linear":
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -270,9 +270,9 @@ class GPT(nn.Module):
             nn.init.xavier_uniform_(module.weight)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -296,7 +296,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: Tensor, key_padding_mask: Tensor | None = None, *, positions: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
     ) -> Tensor:  # fmt: skip
         """Scores of the next token at every position.
 
@@ -304,12 +304,11 @@ class GPT(nn.Module):
             idx: (B, T) token ids. With `cache`, only the new tokens.
             key_padding_mask: bool (B, T), True at pad tokens (the convention of `nn.TransformerEncoder`'s
                 `src_key_padding_mask`). No token attends to a pad token; outputs at pad positions are
-                meaningless. With `cache`, it covers the new tokens and is remembered for later steps.
-            positions: (B, T) or (T,) absolute position ids; defaults to the slots the tokens occupy
-                (`cache.pos` onwards, or 0 onwards). Left-padded prompts pass the positions they would have
-                without padding.
-            cache: A `KVCache` from `new_cache`; the new tokens' keys/values are stored and `cache.pos`
-                advances by T.
+                meaningless. With `cache`, it covers the new tokens and the cache remembers it.
+            positions: (B, T) or (T,) absolute position ids; defaults to the slots the tokens occupy (from the
+                cache, or 0 onwards). Left-padded prompts pass the positions they would have without padding.
+            cache: A `KVCache` from `new_cache` (or another `minigpt.cache.Cache`): the new tokens' keys and
+                values are stored and attention also reads the cached ones.
 
         Returns:
             (B, T, vocab_size) logits, or log-probabilities with the adaptive head.
@@ -318,15 +317,31 @@ class GPT(nn.Module):
 
     def hidden_states(
         self, idx: Tensor, key_padding_mask: Tensor | None = None, *, positions: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
     ) -> Tensor:  # fmt: skip
         """The Transformer trunk (everything but the head, `ln_f` included): (B, T, n_embd). Takes the same
         arguments as `forward`."""
-        start = 0 if cache is None else cache.pos
         self._check_inputs(idx, key_padding_mask, positions, cache)
-        B, T = idx.size()
-        if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        T = idx.size(1)
+        if cache is None:
+            slots = torch.arange(T, device=idx.device)
+            attn_mask, is_causal = attention_mask(0, T, key_padding_mask, idx.device)
+        else:
+            slots, attn_mask, is_causal = cache.prepare(T, key_padding_mask)
+        positions = slots if positions is None else positions  # (T,) or (B, T)
+        x = self.embed(idx, positions)
+        rope = None
+        if self.config.positional == "rotary":
+            rope = self.rope_cos[positions], self.rope_sin[positions]  # (T or B x T, hs/2)
+            rope = tuple(t.unsqueeze(-3) for t in rope) if positions.dim() == 2 else rope  # broadcast over heads
+        for block in self.transformer.h:
+            x = block(x, rope, attn_mask, is_causal, cache)
+        if self.config.norm_first:
+            x = self.transformer.ln_f(x)
+        return x
+
+    def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings (scaled when `scale_embedding`) plus additive positions, after dropout: (B, T, C)."""
         if self.adaptive_input:
             x = adaptive_input_embedding(idx, self.adaptive)  # (B, T, C)
         else:
@@ -335,18 +350,9 @@ class GPT(nn.Module):
             x = x * math.sqrt(self.config.n_embd)
         if self.config.positional == "learned":
             x = x + self.transformer.wpe(positions)
-        else:
+        elif self.config.positional == "sinusoidal":
             x = x + self.sinusoidal[positions].to(x.dtype)
-        x = self.transformer.drop(x)
-        attn_mask, is_causal = self._attention_mask(T, start, key_padding_mask, cache, idx.device)
-        for i, block in enumerate(self.transformer.h):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = block(x, attn_mask, is_causal, kv, start)
-        if cache is not None:
-            cache.pos += T
-        if self.config.norm_first:
-            x = self.transformer.ln_f(x)
-        return x
+        return self.transformer.drop(x)
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """Apply the output head to hidden states (..., n_embd) -> (..., vocab_size).
@@ -369,14 +375,9 @@ class GPT(nn.Module):
         return nll_sum / count.clamp(min=1)
 
     def loss_sum_and_count(
-        self,
-        idx: Tensor,
-        targets: Tensor,
-        key_padding_mask: Tensor | None = None,
-        *,
-        ignore_index: int = -100,
+        self, idx: Tensor, targets: Tensor, key_padding_mask: Tensor | None = None, *, ignore_index: int = -100,
         chunk_size: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """(float32 summed next-token NLL, int64 number of targets it sums over) of `targets` (B, T), idx
         shifted by one, given `idx` (B, T). Sums give exact perplexities over many batches: exp(sum / count).
         Targets equal to `ignore_index` (F.cross_entropy's default) do not count; `chunk_size`: see
@@ -423,7 +424,7 @@ class GPT(nn.Module):
         return nll_sum, count
 
     def _check_inputs(
-        self, idx: Tensor, key_padding_mask: Tensor | None, positions: Tensor | None, cache: KVCache | None
+        self, idx: Tensor, key_padding_mask: Tensor | None, positions: Tensor | None, cache: Cache | None
     ) -> None:
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids, got shape {tuple(idx.shape)}.")
@@ -433,11 +434,6 @@ class GPT(nn.Module):
                              "Crop the context to its last block_size tokens.")  # fmt: skip
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"The cache holds {cache.batch_size} sequences but idx has {B}.")
-        if cache is not None and cache.pos + T > cache.capacity:
-            raise ValueError(
-                f"Cannot forward sequence of length {T} at cache position {cache.pos}, block_size "
-                f"is only {block_size}. Crop the context and prefill a reset cache (sliding window)."
-            )
         if key_padding_mask is not None and key_padding_mask.shape != idx.shape:
             raise ValueError(f"key_padding_mask must have the shape of idx {tuple(idx.shape)}, "
                              f"got {tuple(key_padding_mask.shape)}.")  # fmt: skip
@@ -450,33 +446,3 @@ class GPT(nn.Module):
             if low < 0 or high >= block_size:
                 raise ValueError(f"Cannot forward position {high}, block_size is only {block_size} "
                                  f"(positions must lie in [0, {block_size}), got minimum {low}).")  # fmt: skip
-
-    def _attention_mask(
-        self, T: int, start: int, key_padding_mask: Tensor | None, cache: KVCache | None, device: torch.device
-    ) -> tuple[Tensor | None, bool]:
-        """The attention mask for T queries at slots start .. start+T-1 over keys at slots 0 .. start+T-1.
-
-        Returns:
-            (bool (B or 1, 1, T, S) mask with True = may attend, or None; whether SDPA's causal flag applies).
-        """
-        if cache is not None:
-            new_slots = cache.key_padding_mask[:, start : start + T]
-            if key_padding_mask is None:
-                new_slots.fill_(False)
-            else:
-                new_slots.copy_(key_padding_mask)
-                cache.has_padding = True
-            key_padding_mask = cache.key_padding_mask[:, : start + T] if cache.has_padding else None
-        if key_padding_mask is None:
-            if start == 0:
-                return None, True  # square causal attention: SDPA's fast path
-            if T == 1:
-                return None, False  # one new token may see every cached key
-        q_slot = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
-        k_slot = torch.arange(start + T, device=device)[None, :]  # (1, S)
-        mask = k_slot <= q_slot  # (T, S)
-        if key_padding_mask is not None:
-            # A pad query may have no visible key at all (left padding), and an all-masked softmax row is
-            # NaN; letting every query see itself avoids that. Outputs at pad positions are ignored anyway.
-            mask = mask & (~key_padding_mask[:, None, :] | (k_slot == q_slot))  # (B, T, S)
-        return mask.unsqueeze(-3), False  # (B or 1, 1, T, S), broadcast over heads

@@ -64,6 +64,13 @@ def left_padded(lengths: list[int], total: int, vocab_size: int, seed: int = 2):
     return idx, pad, positions
 
 
+# The modern block: every option that is not the tutorial's (zero-initialised projections are left out here
+# so that the blocks are not the identity at init, which would hide a wrong mask or cache).
+MODERN = dict(
+    positional="rotary", norm="rmsnorm", activation="relu2", qk_norm=True, bias=False, norm_first=True,
+    head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True,
+)  # fmt: skip
+
 ARCHITECTURES = [
     pytest.param(dict(positional="sinusoidal", norm_first=False), id="sinusoidal-postnorm"),
     pytest.param(dict(positional="learned", norm_first=True, activation="gelu_tanh"), id="learned-prenorm"),
@@ -76,6 +83,8 @@ ARCHITECTURES = [
         dict(positional="learned", norm_first=True, head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True),
         id="learned-prenorm-adaptive-input",
     ),
+    pytest.param(MODERN, id="rotary-rmsnorm-relu2-qknorm"),
+    pytest.param(dict(MODERN, activation="swiglu", norm_first=False, bias=True, head="linear"), id="rotary-swiglu"),
 ]
 
 
@@ -423,3 +432,79 @@ def test_sequence_longer_than_block_size_raises():
         model(random_ids(32, 2, 4), torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
         model(random_ids(32, 2, 4), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The modern block's options
+
+
+def test_rotary_logits_depend_only_on_relative_positions():
+    # Rotary positions enter only through q.k, which depends on the distance between two positions: shifting
+    # every position by the same amount leaves the logits unchanged. Additive positions do not have this.
+    model = make_model(positional="rotary", norm_first=True)
+    idx = random_ids(32, 2, 6)
+    with torch.no_grad():
+        at_0, at_5 = model(idx), model(idx, positions=torch.arange(5, 11))
+    torch.testing.assert_close(at_5, at_0, atol=1e-5, rtol=0)
+    learned = make_model(positional="learned", norm_first=True)
+    with torch.no_grad():
+        assert not torch.allclose(learned(idx), learned(idx, positions=torch.arange(5, 11)), atol=1e-3)
+    # ...but the model does see the order of the tokens.
+    with torch.no_grad():
+        assert not torch.allclose(model(idx)[:, -1], model(idx.flip(1))[:, -1], atol=1e-3)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    idx = random_ids(32, 2, 8)
+    for qk_norm in (True, False):
+        model = make_model(qk_norm=qk_norm, norm_first=True, bias=False)  # no bias: the rows scale q and k
+        with torch.no_grad():
+            before = model(idx)
+            for block in model.transformer.h:  # scale the query and key rows of the fused projection
+                block.attn.c_attn.weight[: 2 * 32].mul_(10.0)
+            after = model(idx)
+        if qk_norm:
+            torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+        else:
+            assert not torch.allclose(after, before, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_kind(norm):
+    model = make_model(norm=norm)  # post-norm: every block ends in its norm (unit gain at init)
+    kinds = {type(m) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
+    assert kinds == {nn.LayerNorm if norm == "layernorm" else nn.RMSNorm}
+    with torch.no_grad():
+        h = model.hidden_states(random_ids(32, 2, 8))
+    torch.testing.assert_close(h.pow(2).mean(-1), torch.ones(2, 8), atol=1e-3, rtol=0)  # unit RMS either way
+    mean = h.mean(-1).abs().max()
+    assert mean < 1e-5 if norm == "layernorm" else mean > 1e-2  # only LayerNorm centres
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu2", "swiglu", "gelu", "gelu_tanh"])
+def test_mlp_activation(activation):
+    mlp = make_model(activation=activation).transformer.h[0].mlp
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    h = mlp.c_fc(x)
+    expected = {
+        "relu": lambda: torch.relu(h),
+        "relu2": lambda: torch.relu(h) ** 2,
+        "swiglu": lambda: torch.nn.functional.silu(h[:, :64]) * h[:, 64:],
+        "gelu": lambda: torch.nn.functional.gelu(h),
+        "gelu_tanh": lambda: torch.nn.functional.gelu(h, approximate="tanh"),
+    }[activation]()
+    assert mlp.c_fc.out_features == (128 if activation == "swiglu" else 64)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.c_proj(expected), atol=1e-6, rtol=0)
+
+
+def test_zero_init_projections_make_every_block_the_identity():
+    model = make_model(zero_init_proj=True, norm_first=True)
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    idx = random_ids(32, 2, 8)
+    with torch.no_grad():
+        h = model.hidden_states(idx)
+        x = model.embed(idx, torch.arange(8))
+    torch.testing.assert_close(h, model.transformer.ln_f(x), atol=1e-6, rtol=0)
+    assert make_model(norm_first=True).transformer.h[0].attn.c_proj.weight.any()
