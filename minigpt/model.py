@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from minigpt import kernels
 from minigpt.config import GPTConfig
+from minigpt.kernels.loss import Workspace, fused_linear_nll_sum
 
 LossKernel = Literal["auto", "plain", "fused"]
 
@@ -416,8 +416,8 @@ class GPT(nn.Module):
             # `.output` holds each row's target log-probability.
             with _float32(hidden):
                 return -self.adaptive(hidden.float(), targets).output.sum(), count
-        workspace = self.__dict__.setdefault("_loss_workspace", kernels.Workspace())
-        nll_sum = kernels.fused_linear_nll_sum(
+        workspace = self.__dict__.setdefault("_loss_workspace", Workspace())
+        nll_sum = fused_linear_nll_sum(
             hidden, self.lm_head.weight, self.lm_head.bias, targets, chunk_size=chunk_size, workspace=workspace
         )
         return nll_sum, count

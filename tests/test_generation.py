@@ -6,13 +6,12 @@ where a comparison would otherwise be trivial.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from minigpt import tokenizer as tokenizer_module
 from minigpt.config import GPTConfig
@@ -28,7 +27,8 @@ from minigpt.generation import (
     sample_next,
     stream,
 )
-from minigpt.kernels import PackedHead, decode_head, packed_head
+from minigpt.kernels import decode_head as heads
+from minigpt.kernels.decode_head import PackedHead, decode_head, packed_head
 from minigpt.model import GPT
 from minigpt.tokenizer import Vocab
 
@@ -431,21 +431,56 @@ def test_packed_head_equals_the_plain_head(vocab_size, bias, splits):
 
 def test_packed_head_copy_is_kept_until_the_weights_change():
     model = make_model(vocab_size=33)
+    weight, bias = model.lm_head.weight, model.lm_head.bias
     h = torch.randn(1, model.config.n_embd)
-    head = decode_head(model, 1, "packed")
-    assert isinstance(head, PackedHead) and packed_head(model) is head  # kept between generations...
+    head = decode_head(weight, bias, 1, "packed")
+    assert isinstance(head, PackedHead) and packed_head(weight, bias) is head  # kept between generations...
     with torch.no_grad():
-        model.lm_head.weight.mul_(-2.0)  # ...until the weights change (e.g. an optimizer step)
-        model.lm_head.bias.add_(1.0)
-    head = decode_head(model, 1, "packed")
+        weight.mul_(-2.0)  # ...until the weights change (e.g. an optimizer step)
+        bias.add_(1.0)
+    head = decode_head(weight, bias, 1, "packed")
     with torch.inference_mode():
         torch.testing.assert_close(head(h), model.head_logits(h))
-    assert decode_head(model, 1, "plain") == model.head_logits
-    assert decode_head(model, 4, "auto") in (model.head_logits, packed_head(model))  # whichever measured faster
+        assert torch.equal(decode_head(weight, bias, 1, "plain")(h), model.head_logits(h))
+    with pytest.raises(UserError, match="head must be 'auto', 'plain' or 'packed', got 'fast'"):
+        decode_head(weight, bias, 1, "fast")
+
+
+@pytest.mark.parametrize("packed_faster", [True, False])
+def test_auto_head_takes_the_faster_one_and_keeps_no_unused_copy(monkeypatch, packed_faster):
+    # A timer with known durations: the packed head takes 1 s or 3 s a call, the plain one 2 s.
+    timings = []
+
+    def fake_seconds(fn, x):
+        timings.append(fn)
+        return (1.0 if packed_faster else 3.0) if isinstance(fn, PackedHead) else 2.0
+
+    monkeypatch.setattr(heads, "_seconds", fake_seconds)
+    heads.reset_decode_heads()
+    model = make_model(vocab_size=33)
+    weight, bias = model.lm_head.weight, model.lm_head.bias
+    head = decode_head(weight, bias, 4, "auto")
+    assert isinstance(head, PackedHead) == packed_faster
+    assert heads.decode_head_cache_size() == (2 if packed_faster else 1)  # the packed copy only if it is used
+    assert len(timings) == 2 * (heads._ROUNDS + 1)
+    again = decode_head(weight, bias, 4, "auto")  # measured once per shape and batch size
+    assert len(timings) == 2 * (heads._ROUNDS + 1) and isinstance(again, PackedHead) == packed_faster
+    h = torch.randn(4, model.config.n_embd)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(h), model.head_logits(h))
+    heads.reset_decode_heads()
+    assert heads.decode_head_cache_size() == 0
+
+
+def test_a_head_that_is_not_linear_runs_as_it_is():
     adaptive = make_model(head="adaptive", adaptive_cutoffs=(8, 16))
-    assert decode_head(adaptive, 1, "auto") == adaptive.head_logits
+    assert heads.plain_only(adaptive.head_logits, "auto") == adaptive.head_logits
+    assert heads.plain_only(adaptive.head_logits, "plain") == adaptive.head_logits
     with pytest.raises(UserError, match="packed head needs a linear head"):
-        decode_head(adaptive, 1, "packed")
+        heads.plain_only(adaptive.head_logits, "packed")
+    with pytest.raises(UserError, match="packed head needs a linear head"):
+        generate(adaptive, [5, 9], SamplingConfig.greedy(3), stop_ids=None, head="packed")
+    assert greedy(adaptive, [[5, 9]], 6, head="auto") == greedy(adaptive, [[5, 9]], 6, head="plain")
 
 
 def test_packed_head_under_bf16_autocast_stays_within_bf16_rounding():
@@ -511,24 +546,47 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
 # -- the benchmark script ----------------------------------------------------------------------------
 
 
+# Seconds each contender's run takes under the fake timer (the per-token rows take DEFAULT_SECONDS).
+BENCH_SECONDS = {"minigpt_generate": 0.5, "tutorial_loop": 2.0, "recompute_last": 1.0, "hf_generate": 0.75,
+                 "hf_loop": 0.375}  # fmt: skip
+DEFAULT_SECONDS = 0.25
+
+
 def test_bench_generate_compares_like_with_like(monkeypatch):
     """Every contender gets the same prompt and makes the same number of tokens of the same function;
-    the cold row starts from no packed head and no head measurement."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    for name, value in dict(VOCAB=64, WIDTH=16, LAYERS=1, HEADS=2, BLOCK=16, PROMPT=4).items():
+    the cold row starts from no packed head and no head measurement; the rates and ratios are those of
+    the times measured (a fake timer gives each contender a known duration)."""
+    bench = load_script("bench_generate")
+    for name, value in bench.QUICK.items():
         monkeypatch.setattr(bench, name, value)
+    spent = [0.0]
+
+    def costing(fn, seconds):
+        def run(*args, **kwargs):
+            spent[0] += seconds
+            return fn(*args, **kwargs)
+
+        return run
+
+    def fake_timed(fn, device):
+        spent[0] = 0.0
+        fn()
+        return spent[0] or DEFAULT_SECONDS
+
+    for name, seconds in BENCH_SECONDS.items():
+        monkeypatch.setattr(bench, name, costing(getattr(bench, name), seconds))
+    monkeypatch.setattr(bench, "timed", fake_timed)
     n = 6
-    r = bench.bench(n, repeats=1, device=torch.device("cpu"), batches=(3,))
-    for key in (
-        "minigpt_tok_s", "tutorial_loop_tok_s", "recompute_last_tok_s", "hf_generate_tok_s", "hf_loop_tok_s",
-        "bandwidth_bound_tok_s", "vs_tutorial", "vs_hf", "minigpt_batch3_tok_s", "hf_batch3_tok_s",
-    ):  # fmt: skip
-        assert r[key] > 0, key
-    rows = r["rows"]
-    assert r["vs_hf"] == pytest.approx(rows["HF generate"] / rows["minigpt (KV cache)"], abs=0.006)
+    r = bench.bench(n, repeats=3, device=torch.device("cpu"), batches=(3,))
+    mine = n / BENCH_SECONDS["minigpt_generate"]
+    assert r["minigpt_tok_s"] == mine == r["minigpt_cold_tok_s"]
+    assert r["tutorial_loop_tok_s"] == n / BENCH_SECONDS["tutorial_loop"]
+    assert r["hf_generate_tok_s"] == n / BENCH_SECONDS["hf_generate"]
+    assert r["hf_loop_tok_s"] == n / BENCH_SECONDS["hf_loop"]
+    assert r["bandwidth_bound_tok_s"] == n / DEFAULT_SECONDS  # n reads of W in one timed call
+    assert r["vs_tutorial"] == 4.0 and r["vs_hf"] == 1.5 and r["of_bound"] == 0.5
+    assert r["minigpt_batch3_tok_s"] == 3 * n / BENCH_SECONDS["minigpt_generate"] == 36.0
+    assert r["hf_batch3_tok_s"] == 3 * n / BENCH_SECONDS["hf_generate"] == 24.0
     singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
     assert len(singles) == 6  # five contenders and the cold call
     assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1
