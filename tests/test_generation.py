@@ -6,14 +6,20 @@ where a comparison would otherwise be trivial.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from script_loader import load_script
 
+from minigpt import cli
 from minigpt import tokenizer as tokenizer_module
+from minigpt.commands import compare as compare_command
+from minigpt.commands import generate as generate_command
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.generation import (
@@ -215,6 +221,73 @@ def test_invalid_sampling_values_raise(name, value):
 def test_max_new_tokens_is_checked_by_the_config(value):
     with pytest.raises(UserError, match=rf"max_new_tokens must be an integer >= 1, got {value!r}"):
         SamplingConfig(max_new_tokens=value)
+
+
+# -- the commands' sampling options come from SamplingConfig -------------------------------------------
+BUILT: list[SamplingConfig] = []  # every sampling config the commands built while a test watches
+
+
+@dataclass(frozen=True)
+class SamplingWithMinP(SamplingConfig):
+    """`SamplingConfig` with one more field, as a new sampling option would add it."""
+
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the best token's."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        BUILT.append(self)
+
+
+def run_command(args: list[str], capsys) -> tuple[int, str]:
+    """Exit code and standard output of `minigpt ARGS` (a missing checkpoint ends it after the options)."""
+    with pytest.raises(SystemExit) as end:
+        cli.main(args)
+    return end.value.code, " ".join(capsys.readouterr().out.split())
+
+
+COMMAND_ARGS = {"generate": ["--prompt", "hi"], "compare": ["--hf_model", "gpt2-folder"]}
+COMMANDS = {"generate": (generate_command.generate, {"prompt": ["hi"]}),
+            "compare": (compare_command.compare, {"hf_model": "gpt2-folder"})}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_a_new_sampling_field_becomes_an_option_of_both_commands(command, capsys, monkeypatch, tmp_path):
+    for module in (generate_command, compare_command):
+        monkeypatch.setattr(module, "SamplingConfig", SamplingWithMinP)
+    _, help_text = run_command([command, "--help"], capsys)
+    doc = "Drop tokens whose probability is below min_p times the best token's. (type: float, default: 0.0)"
+    assert f"--min_p MIN_P {doc}" in help_text
+    BUILT.clear()
+    args = [command, "--ckpt_path", str(tmp_path / "missing.ckpt"), *COMMAND_ARGS[command]]
+    code, _ = run_command([*args, "--min_p", "0.05", "--repetition_penalty", "1.3", "--top_k", "null"], capsys)
+    assert code == 2 and len(BUILT) == 1  # the options were read, then the missing checkpoint ended the run
+    assert (BUILT[0].min_p, BUILT[0].repetition_penalty, BUILT[0].top_k) == (0.05, 1.3, None)
+
+
+# compare keeps shorter samples at the tutorial's temperature; generate takes SamplingConfig's defaults.
+@pytest.mark.parametrize(
+    ("command", "defaults"), [("generate", {}), ("compare", dict(max_new_tokens=40, temperature=0.7))]
+)
+def test_each_command_has_one_option_per_sampling_field_with_its_help(command, defaults, capsys, monkeypatch, tmp_path):
+    expected = SamplingConfig(**defaults)
+    monkeypatch.setattr(SamplingConfig, "__post_init__", lambda self: BUILT.append(self))
+    _, help_text = run_command([command, "--help"], capsys)
+    options = {f.name for f in dataclasses.fields(SamplingConfig)}
+    shown = {name for name in options if f"--{name} {name.upper()} " in help_text}
+    assert shown == options
+    for name, doc in (("temperature", "0 picks the argmax (greedy)"), ("repetition_penalty", "Divide positive")):
+        assert f"--{name} {name.upper()} {doc}" in help_text
+    BUILT.clear()
+    run_command([command, "--ckpt_path", str(tmp_path / "missing.ckpt"), *COMMAND_ARGS[command]], capsys)
+    assert BUILT == [expected]
+    BUILT.clear()
+    function, kwargs = COMMANDS[command]
+    with pytest.raises(UserError, match="does not exist"):  # called from Python: the same defaults
+        function(str(tmp_path / "missing.ckpt"), **kwargs)
+    assert BUILT == [expected]
+    with pytest.raises(TypeError, match="SamplingConfig has no field"):
+        generate_command.add_sampling_arguments(ArgumentParser(), temprature=0.5)
 
 
 def test_valid_edge_values_are_accepted():
