@@ -202,7 +202,7 @@ def agreement(runs: dict[str, dict], reference: str = "minigpt (KV cache)") -> d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new_tokens", type=int, default=200)
+    parser.add_argument("--new_tokens", type=int, default=None, help="new tokens per run (default 200; --quick: 12)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (width 16, vocab 64, block 16, batch 3)")
@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         globals().update(QUICK)
-    device, n = torch.device(args.device), args.new_tokens
+    n = args.new_tokens or (12 if args.quick else 200)
+    if n < 1 or PROMPT + n > BLOCK:  # the Hugging Face copy has BLOCK learned positions
+        parser.error(f"--new_tokens must be between 1 and {BLOCK - PROMPT} (block {BLOCK}, prompt {PROMPT})")
+    device = torch.device(args.device)
     load = os.getloadavg()[0]
     r = bench(n, args.repeats, device, batches=(3,) if args.quick else BATCHES)
     print(
