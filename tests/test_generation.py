@@ -1,4 +1,6 @@
-"""Tests of minigpt.generation: prompts, one-step sampling, the decoding loop, KV cache and streaming.
+"""Tests of minigpt.generation: prompts, one-step sampling, the decoding loop, KV cache and streaming; the
+decode head it uses (minigpt.kernels.decode_head), the sampling options `minigpt generate` and `minigpt compare`
+build from `SamplingConfig`, and scripts/bench_generate.py.
 
 Models are tiny and randomly initialised (seeded); greedy continuations are checked to be non-constant
 where a comparison would otherwise be trivial.

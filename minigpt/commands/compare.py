@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ SAMPLING_DEFAULTS = {"max_new_tokens": 40, "temperature": 0.7}
 
 
 def add_arguments(parser, argv: list[str]) -> set[str]:
+    """The sampling options, built from `SamplingConfig`, with this command's `SAMPLING_DEFAULTS`."""
     return add_sampling_arguments(parser, **SAMPLING_DEFAULTS)
 
 
@@ -31,7 +33,7 @@ def compare(
     max_docs: int = 100,
     seed: int = 0,
     json: bool = False,
-    **sampling,
+    **sampling: Any,
 ) -> None:
     """Samples from both models for the same prompts and seed, and bits per character on the same text.
 

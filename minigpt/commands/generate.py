@@ -13,6 +13,7 @@ import typing
 from collections.abc import Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import docstring_parser
 import torch
@@ -25,6 +26,7 @@ from minigpt.generation import stream as stream_tokens
 
 
 def add_arguments(parser, argv: list[str]) -> set[str]:
+    """The sampling options, built from `SamplingConfig` (see `add_sampling_arguments`)."""
     return add_sampling_arguments(parser)
 
 
@@ -64,7 +66,7 @@ def generate(
     stream: bool = False,
     raw: bool = False,
     json: bool = False,
-    **sampling,
+    **sampling: Any,
 ) -> None:
     """Continue prompts with a trained checkpoint (its vocabulary and model config are inside).
 
