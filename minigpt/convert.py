@@ -246,7 +246,7 @@ def word_level_hf_tokenizer(vocab: Vocab, model_max_length: int | None = None):
     from tokenizers import models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from minigpt.tokenizer import _LITERAL_RULES  # basic_english's ordered replacements, all literal strings
+    from minigpt.tokenizer import BASIC_ENGLISH_REPLACEMENTS as _LITERAL_RULES  # all literal strings, in order
 
     tok = HfTokenizer(models.WordLevel(vocab=dict(vocab.stoi), unk_token=vocab.itos[vocab.unk_index]))
     tok.normalizer = normalizers.Sequence(

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from minigpt.errors import UserError
-from minigpt.kernels import HeadChoice, decode_head
+from minigpt.kernels.decode_head import HeadChoice, decode_head, plain_only
 from minigpt.model import GPT
 
 _MAX_UNK_SHOWN = 10  # unknown prompt words listed by name in the warning; the rest are counted
@@ -429,7 +429,10 @@ class _GPTStep:
     def __init__(self, model: GPT, batch_size: int, use_cache: bool, head: HeadChoice) -> None:
         self.model, self.block_size = model, model.config.block_size
         self.cache = model.new_cache(batch_size) if use_cache else None
-        self.head = decode_head(model, batch_size, head)
+        self.head = (  # the adaptive softmax is not one linear layer: it has no packed form
+            decode_head(model.lm_head.weight, model.lm_head.bias, batch_size, head) if model.config.head == "linear"
+            else plain_only(model.head_logits, head)
+        )  # fmt: skip
 
     def __call__(self, seq: Tensor, pad: Tensor | None, n: int) -> Tensor:
         model, cache = self.model, self.cache

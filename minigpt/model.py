@@ -12,7 +12,7 @@ One module covers the flavours `GPTConfig` chooses between:
 Module names follow nanoGPT/GPT-2 (`transformer.wte`, `transformer.h[i].attn.c_attn`, `lm_head`) so
 GPT-2 weights map across; `c_attn` rows are [q; k; v], the layout of `nn.MultiheadAttention.in_proj_weight`.
 The training loss is plain `F.cross_entropy` over chunks of the head; an optional fused kernel lives in
-`minigpt.kernels` (`GPT.loss_kernel`). Caches live in `minigpt.cache`.
+`minigpt.kernels.loss` (`GPT.loss_kernel`). Caches live in `minigpt.cache`.
 
 References: karpathy/nanoGPT `model.py`, Lightning-AI/litgpt `litgpt/model.py` (`chunked_cross_entropy`),
 the PyTorch tutorial "Language Modeling with nn.Transformer", and Grave et al. 2017 (adaptive softmax).
@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from minigpt import kernels
 from minigpt.cache import Cache, KVCache, attention_mask
 from minigpt.config import GPTConfig
+from minigpt.kernels.loss import Workspace, fused_linear_nll_sum
 
 LossKernel = Literal["auto", "plain", "fused"]
 
@@ -226,7 +226,7 @@ class GPT(nn.Module):
             raise ValueError(f"loss_kernel must be one of ('auto', 'plain', 'fused'), got {loss_kernel!r}.")
         self.loss_kernel = loss_kernel
         """How the linear head's training loss is computed: "plain" (`chunked_nll_sum`), "fused"
-        (`kernels.fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
+        (`fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
         # With the tied adaptive head the input embedding is computed from the head's weights (no wte).
         wte = {} if self.adaptive_input else dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
@@ -393,7 +393,7 @@ class GPT(nn.Module):
         """(float32 summed NLL, int64 count) of `targets` (...) under the head applied to `hidden` (..., C).
 
         The linear head's loss is `chunked_nll_sum` (plain autograd) or, when `loss_kernel` chooses it,
-        `kernels.fused_linear_nll_sum`; the adaptive head uses its own cluster-wise loss. `chunk_size`:
+        `fused_linear_nll_sum`; the adaptive head uses its own cluster-wise loss. `chunk_size`:
         most rows per chunk of the linear head (default: the chosen path's own).
         """
         if chunk_size is not None and chunk_size < 1:
@@ -417,8 +417,8 @@ class GPT(nn.Module):
             # `.output` holds each row's target log-probability.
             with _float32(hidden):
                 return -self.adaptive(hidden.float(), targets).output.sum(), count
-        workspace = self.__dict__.setdefault("_loss_workspace", kernels.Workspace())
-        nll_sum = kernels.fused_linear_nll_sum(
+        workspace = self.__dict__.setdefault("_loss_workspace", Workspace())
+        nll_sum = fused_linear_nll_sum(
             hidden, self.lm_head.weight, self.lm_head.bias, targets, chunk_size=chunk_size, workspace=workspace
         )
         return nll_sum, count

@@ -13,6 +13,7 @@ their parameter groups and state: a scheduler that writes ``group["lr"]`` drives
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -72,21 +73,60 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if found_inf is None:
             self.muon.step()
         else:
-            # Like fused AdamW, skip the update while found_inf is non-zero, without a host read: Muon has
-            # no found_inf, so its matrices and momenta are put back where the step must not count.
-            before = []
-            for p in (p for g in self.muon.param_groups for p in g["params"] if p.grad is not None):
-                buf = self.state[p].get("momentum_buffer")
-                before.append((p, p.clone(), 0.0 if buf is None else buf.clone()))
-            self.muon.step()
-            skip = found_inf.bool()
-            for p, old, old_buf in before:
-                p.copy_(torch.where(skip, old, p))
-                buf = self.state[p]["momentum_buffer"]
-                buf.copy_(torch.where(skip, old_buf, buf))
+            self._muon_step_unless(found_inf.bool())
         self.adamw.found_inf = found_inf
         self.adamw.step()
         return loss
+
+    def _muon_step_unless(self, skip: Tensor) -> None:
+        """`torch.optim.Muon`'s step, kept only where `skip` (a tensor on the device) is False.
+
+        Fused AdamW skips its update while `found_inf` is non-zero without a host read; Muon has no
+        `found_inf` and updates each matrix and its momentum in place, so putting a skipped step back would
+        need a copy of every matrix and momentum on every step. Instead each matrix's new momentum and
+        weights are computed beside the old ones, with Muon's operations in Muon's order (a finite step is
+        `torch.optim.Muon`'s, bit for bit: tests/test_optim.py holds them equal), and `torch.where` writes
+        the new or the old values back on the device.
+        """
+        for group in self.muon.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], 1 - group["lr"] * group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad, self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                new_buf = buf.lerp(grad, 1 - momentum)
+                update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+                update = _orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], p.shape))
+                torch.where(skip, buf, new_buf, out=buf)
+                torch.where(skip, p, new_p, out=p)
+
+
+def _orthogonalize(m: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration towards the nearest orthogonal matrix of `m` (2-D), in bfloat16:
+    the iteration of `torch.optim.Muon` (Jordan et al., 2024), written out here only because
+    `MuonWithAdamW._muon_step_unless` needs Muon's update without Muon's in-place writes."""
+    a, b, c = coefficients
+    tall = m.size(0) > m.size(1)
+    x = m.bfloat16()
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's learning-rate scale for a matrix of `shape` (`torch.optim.Muon`'s ``adjust_lr_fn``)."""
+    A, B = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, A / B))
+    return 0.2 * math.sqrt(max(A, B)) if adjust_lr_fn == "match_rms_adamw" else 1.0
 
 
 def hidden_matrices(blocks: nn.Module) -> list[Tensor]:

@@ -43,7 +43,9 @@ _COMPILED_RULES = [(re.compile(p), r) for p, r in _RULES]
 # Every rule but the last matches a literal string, so the same ordered rules run as
 # str.replace calls (C speed, about 3x faster than re.sub); the final "runs of white space"
 # rule followed by a split on spaces is exactly str.split().
-_LITERAL_RULES = [(p.replace("\\", ""), r) for p, r in _RULES[:-1]]
+BASIC_ENGLISH_REPLACEMENTS: tuple[tuple[str, str], ...] = tuple((p.replace("\\", ""), r) for p, r in _RULES[:-1])
+"""basic_english's ordered (old, new) literal replacements: lower-case the text, apply these in order with
+`str.replace`, then split on white space (other tokenizer libraries rebuild basic_english from them)."""
 
 
 def basic_english_reference(text: str) -> list[str]:
@@ -61,7 +63,7 @@ def basic_english(text: str) -> list[str]:
     ``['hello', ',', 'world', '!', 'it', "'", 's', 'great', '.']``.
     """
     text = text.lower()
-    for literal, replacement in _LITERAL_RULES:
+    for literal, replacement in BASIC_ENGLISH_REPLACEMENTS:
         text = text.replace(literal, replacement)
     return text.split()
 

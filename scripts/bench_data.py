@@ -103,7 +103,7 @@ def tokenizer_routes(path: Path) -> dict[str, float]:
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    from minigpt.tokenizer import _LITERAL_RULES, UNK, basic_english
+    from minigpt.tokenizer import BASIC_ENGLISH_REPLACEMENTS, UNK, basic_english
 
     texts = path.read_text(encoding="utf-8").split("\n\n")
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def tokenizer_routes(path: Path) -> dict[str, float]:
         counter.update(basic_english(text))
     python_s = time.perf_counter() - t0
     tok = Tokenizer(models.WordLevel(vocab={UNK: 0}, unk_token=UNK))
-    rules = [normalizers.Replace(old, new) for old, new in _LITERAL_RULES]
+    rules = [normalizers.Replace(old, new) for old, new in BASIC_ENGLISH_REPLACEMENTS]
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rules])
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t0 = time.perf_counter()

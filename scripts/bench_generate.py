@@ -1,6 +1,6 @@
 """Greedy decoding speed: minigpt against the tutorial's loop, a nanoGPT-style loop and Hugging Face.
 
-    python scripts/bench_generate.py [--new_tokens 200] [--repeats 5] [--device cpu|cuda] [--json]
+    python scripts/bench_generate.py [--new_tokens 200] [--repeats 5] [--device cpu|cuda] [--quick] [--json]
 
 Every contender runs the SAME function: a GPT-2-flavoured minigpt model (width 200, 2 layers, 2 heads,
 a vocabulary of 100,000, block 256, randomly initialised: speed does not depend on the weights) and
@@ -17,11 +17,11 @@ makes the same number of new tokens (end-of-text never stops a run):
 
 Costs minigpt pays once per weight version (the packed head copy, the one-time measurement that
 decides between the packed and the plain head) are timed in a separate "cold" row: the first call
-after `minigpt.kernels.reset_decode_heads()`. The warm rows are the median of `--repeats` runs;
+after `minigpt.kernels.decode_head.reset_decode_heads()`. The warm rows are the median of `--repeats` runs;
 contenders take turns (round robin) so that load from other processes hits them alike. The bound is
 one read of the output matrix per token with plain torch (`W.sum()` run once per token, in the same
 round robin): a token can hardly cost less than reading W once. Two more rows time the head alone,
-plain (`F.linear`) and packed (`minigpt.kernels.PackedHead`), which shows where the packed head wins.
+plain (`F.linear`) and packed (`minigpt.kernels.decode_head.PackedHead`), which shows where the packed head wins.
 On CUDA every timer synchronises the device. Batches of 8 and 32 prompts are timed for minigpt and
 HF generate (tokens/s counts every row's tokens).
 """
@@ -41,11 +41,12 @@ import torch
 from minigpt.config import GPTConfig
 from minigpt.convert import minigpt_to_gpt2
 from minigpt.generation import SamplingConfig, generate
-from minigpt.kernels import PackedHead, decode_head, decode_head_cache_size, reset_decode_heads
+from minigpt.kernels.decode_head import PackedHead, decode_head, decode_head_cache_size, reset_decode_heads
 from minigpt.model import GPT
 
 VOCAB, WIDTH, LAYERS, HEADS, BLOCK, PROMPT = 100_000, 200, 2, 2, 256, 10
 BATCHES = (8, 32)
+QUICK = dict(VOCAB=64, WIDTH=16, LAYERS=1, HEADS=2, BLOCK=16, PROMPT=4)  # --quick: a smoke run in seconds
 
 Run = Callable[[list[list[int]]], list[list[int]]]  # prompts -> the new tokens of each row
 
@@ -134,7 +135,7 @@ def bench(n: int, repeats: int, device: torch.device, batches: tuple[int, ...] =
         "HF generate": lambda p: hf_generate(hf, p, n),
         "HF cached loop": lambda p: hf_loop(hf, p, n),
     }
-    weight, hidden = model.lm_head.weight.detach(), torch.randn(1, WIDTH, device=device)
+    weight, hidden = model.lm_head.weight, torch.randn(1, WIDTH, device=device)
     packed = PackedHead(weight, None, torch.get_num_threads() if device.type == "cpu" else 1)
     per_token: dict[str, Callable[[], object]] = {  # timed n times per round, as if once per token
         "bound: one read of W (W.sum())": weight.sum,
@@ -182,7 +183,7 @@ def bench(n: int, repeats: int, device: torch.device, batches: tuple[int, ...] =
         "vs_tutorial": round(mine / tok_s["tutorial loop (recompute, full head)"], 2),
         "vs_hf": round(mine / tok_s["HF generate"], 2),
         **batch_tok_s,
-        "head": "plain" if decode_head(model, 1) == model.head_logits else "packed",
+        "head": "packed" if isinstance(decode_head(weight, model.lm_head.bias, 1), PackedHead) else "plain",
         "rows": rows,
         "runs": runs,
         "cold_cache": cold_cache,
@@ -199,16 +200,22 @@ def agreement(runs: dict[str, dict], reference: str = "minigpt (KV cache)") -> d
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new_tokens", type=int, default=200)
+    parser.add_argument("--new_tokens", type=int, default=None, help="new tokens per run (default 200; --quick: 12)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (width 16, vocab 64, block 16, batch 3)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-    args = parser.parse_args()
-    device, n = torch.device(args.device), args.new_tokens
+    args = parser.parse_args(argv)
+    if args.quick:
+        globals().update(QUICK)
+    n = args.new_tokens or (12 if args.quick else 200)
+    if n < 1 or PROMPT + n > BLOCK:  # the Hugging Face copy has BLOCK learned positions
+        parser.error(f"--new_tokens must be between 1 and {BLOCK - PROMPT} (block {BLOCK}, prompt {PROMPT})")
+    device = torch.device(args.device)
     load = os.getloadavg()[0]
-    r = bench(n, args.repeats, device)
+    r = bench(n, args.repeats, device, batches=(3,) if args.quick else BATCHES)
     print(
         f"greedy decoding, batch 1, {PROMPT}-token prompt, {n} new tokens; GPT-2 flavour width {WIDTH}, "
         f"{LAYERS} layers, {HEADS} heads, vocab {VOCAB:,}, block {BLOCK}; {device}, torch {torch.__version__}, "

@@ -1,4 +1,4 @@
-"""Training throughput and memory: minigpt vs the PyTorch tutorial's model vs Hugging Face GPT-2 (issues 6, 13).
+"""Training throughput and memory: minigpt vs the PyTorch tutorial's model vs Hugging Face GPT-2.
 
     python scripts/bench_train.py [--blocks 30 128] [--rounds 5] [--peers-own-optimizer] [--json]
 
@@ -12,7 +12,7 @@ optimizer class and settings, checked equal before anything is reported.
 - minigpt: `LitMiniGPT(GPTConfig.seed(...))` driven by a real Lightning `Trainer.fit`, so a step is exactly what
   `minigpt fit` runs: forward, loss (the kernel `loss_kernel="auto"` picks), backward, clipping, the
   optimizer, the per-step scheduler and Lightning's hooks and logging;
-- tutorial: the PyTorch tutorial's `TransformerModel` (tests/tutorial_model.py: embedding, `PositionalEncoding`,
+- tutorial: the PyTorch tutorial's `TransformerModel` (scripts/tutorial_model.py: embedding, `PositionalEncoding`,
   `nn.TransformerEncoder` with a causal mask, `nn.Linear` head, full logits + `F.cross_entropy`);
 - hf: `transformers.GPT2LMHeadModel` (defaults otherwise: tied head, dropout 0.1), loss from `labels=`;
 - loss rows (`--kernel-rows`, on by default): minigpt's model and optimizer stepped by hand (no Lightning)
@@ -41,7 +41,6 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -51,9 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tutorial_model import TransformerModel  # noqa: E402  (the one copy of the tutorial's model)
+from tutorial_model import TransformerModel  # scripts/tutorial_model.py, beside this script
 
 WIDTH, LAYERS, HEADS, D_FF, VOCAB, BATCH = 200, 2, 2, 2048, 100_000, 32
 LR, BETAS, WEIGHT_DECAY, CLIP, STEP_SIZE, GAMMA = 1e-2, (0.9, 0.999), 0.01, 0.5, 10_000, 0.9
@@ -145,8 +142,9 @@ def _proc_status_kb(field: str) -> int:
 class Meter:
     """Times steps and tracks each contender's memory (see the module docstring)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
         self.device = device
+        self.clock = clock
         self.cuda = device.type == "cuda"
         self.times: dict[str, list[float]] = {}
         self.peak: dict[str, int] = {}
@@ -185,12 +183,12 @@ class Meter:
             torch.cuda.reset_peak_memory_stats()
         elif self.memory_ok:
             self._reset_hwm()
-        self._open = (name, time.perf_counter(), before)
+        self._open = (name, self.clock(), before)
 
     def stop(self, timed: bool) -> None:
         self._sync()
         name, t0, before = self._open
-        seconds = time.perf_counter() - t0
+        seconds = self.clock() - t0
         peak = self.base + self.kept.get(name, 0) + self._high_water() - before
         self.peak[name] = max(self.peak.get(name, 0), peak)
         self.kept[name] = self.kept.get(name, 0) + self._now() - before

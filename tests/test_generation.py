@@ -1,4 +1,6 @@
-"""Tests of minigpt.generation: prompts, one-step sampling, the decoding loop, KV cache and streaming.
+"""Tests of minigpt.generation: prompts, one-step sampling, the decoding loop, KV cache and streaming; the
+decode head it uses (minigpt.kernels.decode_head), the sampling options `minigpt generate` and `minigpt compare`
+build from `SamplingConfig`, and scripts/bench_generate.py.
 
 Models are tiny and randomly initialised (seeded); greedy continuations are checked to be non-constant
 where a comparison would otherwise be trivial.
@@ -6,15 +8,20 @@ where a comparison would otherwise be trivial.
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import math
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
+from script_loader import load_script
 
+from minigpt import cli
 from minigpt import tokenizer as tokenizer_module
+from minigpt.commands import compare as compare_command
+from minigpt.commands import generate as generate_command
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.generation import (
@@ -28,7 +35,8 @@ from minigpt.generation import (
     sample_next,
     stream,
 )
-from minigpt.kernels import PackedHead, decode_head, packed_head
+from minigpt.kernels import decode_head as heads
+from minigpt.kernels.decode_head import PackedHead, decode_head, packed_head
 from minigpt.model import GPT
 from minigpt.tokenizer import Vocab
 
@@ -215,6 +223,73 @@ def test_invalid_sampling_values_raise(name, value):
 def test_max_new_tokens_is_checked_by_the_config(value):
     with pytest.raises(UserError, match=rf"max_new_tokens must be an integer >= 1, got {value!r}"):
         SamplingConfig(max_new_tokens=value)
+
+
+# -- the commands' sampling options come from SamplingConfig -------------------------------------------
+BUILT: list[SamplingConfig] = []  # every sampling config the commands built while a test watches
+
+
+@dataclass(frozen=True)
+class SamplingWithMinP(SamplingConfig):
+    """`SamplingConfig` with one more field, as a new sampling option would add it."""
+
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the best token's."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        BUILT.append(self)
+
+
+def run_command(args: list[str], capsys) -> tuple[int, str]:
+    """Exit code and standard output of `minigpt ARGS` (a missing checkpoint ends it after the options)."""
+    with pytest.raises(SystemExit) as end:
+        cli.main(args)
+    return end.value.code, " ".join(capsys.readouterr().out.split())
+
+
+COMMAND_ARGS = {"generate": ["--prompt", "hi"], "compare": ["--hf_model", "gpt2-folder"]}
+COMMANDS = {"generate": (generate_command.generate, {"prompt": ["hi"]}),
+            "compare": (compare_command.compare, {"hf_model": "gpt2-folder"})}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_a_new_sampling_field_becomes_an_option_of_both_commands(command, capsys, monkeypatch, tmp_path):
+    for module in (generate_command, compare_command):
+        monkeypatch.setattr(module, "SamplingConfig", SamplingWithMinP)
+    _, help_text = run_command([command, "--help"], capsys)
+    doc = "Drop tokens whose probability is below min_p times the best token's. (type: float, default: 0.0)"
+    assert f"--min_p MIN_P {doc}" in help_text
+    BUILT.clear()
+    args = [command, "--ckpt_path", str(tmp_path / "missing.ckpt"), *COMMAND_ARGS[command]]
+    code, _ = run_command([*args, "--min_p", "0.05", "--repetition_penalty", "1.3", "--top_k", "null"], capsys)
+    assert code == 2 and len(BUILT) == 1  # the options were read, then the missing checkpoint ended the run
+    assert (BUILT[0].min_p, BUILT[0].repetition_penalty, BUILT[0].top_k) == (0.05, 1.3, None)
+
+
+# compare keeps shorter samples at the tutorial's temperature; generate takes SamplingConfig's defaults.
+@pytest.mark.parametrize(
+    ("command", "defaults"), [("generate", {}), ("compare", dict(max_new_tokens=40, temperature=0.7))]
+)
+def test_each_command_has_one_option_per_sampling_field_with_its_help(command, defaults, capsys, monkeypatch, tmp_path):
+    expected = SamplingConfig(**defaults)
+    monkeypatch.setattr(SamplingConfig, "__post_init__", lambda self: BUILT.append(self))
+    _, help_text = run_command([command, "--help"], capsys)
+    options = {f.name for f in dataclasses.fields(SamplingConfig)}
+    shown = {name for name in options if f"--{name} {name.upper()} " in help_text}
+    assert shown == options
+    for name, doc in (("temperature", "0 picks the argmax (greedy)"), ("repetition_penalty", "Divide positive")):
+        assert f"--{name} {name.upper()} {doc}" in help_text
+    BUILT.clear()
+    run_command([command, "--ckpt_path", str(tmp_path / "missing.ckpt"), *COMMAND_ARGS[command]], capsys)
+    assert BUILT == [expected]
+    BUILT.clear()
+    function, kwargs = COMMANDS[command]
+    with pytest.raises(UserError, match="does not exist"):  # called from Python: the same defaults
+        function(str(tmp_path / "missing.ckpt"), **kwargs)
+    assert BUILT == [expected]
+    with pytest.raises(TypeError, match="SamplingConfig has no field"):
+        generate_command.add_sampling_arguments(ArgumentParser(), temprature=0.5)
 
 
 def test_valid_edge_values_are_accepted():
@@ -431,21 +506,56 @@ def test_packed_head_equals_the_plain_head(vocab_size, bias, splits):
 
 def test_packed_head_copy_is_kept_until_the_weights_change():
     model = make_model(vocab_size=33)
+    weight, bias = model.lm_head.weight, model.lm_head.bias
     h = torch.randn(1, model.config.n_embd)
-    head = decode_head(model, 1, "packed")
-    assert isinstance(head, PackedHead) and packed_head(model) is head  # kept between generations...
+    head = decode_head(weight, bias, 1, "packed")
+    assert isinstance(head, PackedHead) and packed_head(weight, bias) is head  # kept between generations...
     with torch.no_grad():
-        model.lm_head.weight.mul_(-2.0)  # ...until the weights change (e.g. an optimizer step)
-        model.lm_head.bias.add_(1.0)
-    head = decode_head(model, 1, "packed")
+        weight.mul_(-2.0)  # ...until the weights change (e.g. an optimizer step)
+        bias.add_(1.0)
+    head = decode_head(weight, bias, 1, "packed")
     with torch.inference_mode():
         torch.testing.assert_close(head(h), model.head_logits(h))
-    assert decode_head(model, 1, "plain") == model.head_logits
-    assert decode_head(model, 4, "auto") in (model.head_logits, packed_head(model))  # whichever measured faster
+        assert torch.equal(decode_head(weight, bias, 1, "plain")(h), model.head_logits(h))
+    with pytest.raises(UserError, match="head must be 'auto', 'plain' or 'packed', got 'fast'"):
+        decode_head(weight, bias, 1, "fast")
+
+
+@pytest.mark.parametrize("packed_faster", [True, False])
+def test_auto_head_takes_the_faster_one_and_keeps_no_unused_copy(monkeypatch, packed_faster):
+    # A timer with known durations: the packed head takes 1 s or 3 s a call, the plain one 2 s.
+    timings = []
+
+    def fake_seconds(fn, x):
+        timings.append(fn)
+        return (1.0 if packed_faster else 3.0) if isinstance(fn, PackedHead) else 2.0
+
+    monkeypatch.setattr(heads, "_seconds", fake_seconds)
+    heads.reset_decode_heads()
+    model = make_model(vocab_size=33)
+    weight, bias = model.lm_head.weight, model.lm_head.bias
+    head = decode_head(weight, bias, 4, "auto")
+    assert isinstance(head, PackedHead) == packed_faster
+    assert heads.decode_head_cache_size() == (2 if packed_faster else 1)  # the packed copy only if it is used
+    assert len(timings) == 2 * (heads._ROUNDS + 1)
+    again = decode_head(weight, bias, 4, "auto")  # measured once per shape and batch size
+    assert len(timings) == 2 * (heads._ROUNDS + 1) and isinstance(again, PackedHead) == packed_faster
+    h = torch.randn(4, model.config.n_embd)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(h), model.head_logits(h))
+    heads.reset_decode_heads()
+    assert heads.decode_head_cache_size() == 0
+
+
+def test_a_head_that_is_not_linear_runs_as_it_is():
     adaptive = make_model(head="adaptive", adaptive_cutoffs=(8, 16))
-    assert decode_head(adaptive, 1, "auto") == adaptive.head_logits
+    assert heads.plain_only(adaptive.head_logits, "auto") == adaptive.head_logits
+    assert heads.plain_only(adaptive.head_logits, "plain") == adaptive.head_logits
     with pytest.raises(UserError, match="packed head needs a linear head"):
-        decode_head(adaptive, 1, "packed")
+        heads.plain_only(adaptive.head_logits, "packed")
+    with pytest.raises(UserError, match="packed head needs a linear head"):
+        generate(adaptive, [5, 9], SamplingConfig.greedy(3), stop_ids=None, head="packed")
+    assert greedy(adaptive, [[5, 9]], 6, head="auto") == greedy(adaptive, [[5, 9]], 6, head="plain")
 
 
 def test_packed_head_under_bf16_autocast_stays_within_bf16_rounding():
@@ -511,24 +621,47 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
 # -- the benchmark script ----------------------------------------------------------------------------
 
 
+# Seconds each contender's run takes under the fake timer (the per-token rows take DEFAULT_SECONDS).
+BENCH_SECONDS = {"minigpt_generate": 0.5, "tutorial_loop": 2.0, "recompute_last": 1.0, "hf_generate": 0.75,
+                 "hf_loop": 0.375}  # fmt: skip
+DEFAULT_SECONDS = 0.25
+
+
 def test_bench_generate_compares_like_with_like(monkeypatch):
     """Every contender gets the same prompt and makes the same number of tokens of the same function;
-    the cold row starts from no packed head and no head measurement."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    for name, value in dict(VOCAB=64, WIDTH=16, LAYERS=1, HEADS=2, BLOCK=16, PROMPT=4).items():
+    the cold row starts from no packed head and no head measurement; the rates and ratios are those of
+    the times measured (a fake timer gives each contender a known duration)."""
+    bench = load_script("bench_generate")
+    for name, value in bench.QUICK.items():
         monkeypatch.setattr(bench, name, value)
+    spent = [0.0]
+
+    def costing(fn, seconds):
+        def run(*args, **kwargs):
+            spent[0] += seconds
+            return fn(*args, **kwargs)
+
+        return run
+
+    def fake_timed(fn, device):
+        spent[0] = 0.0
+        fn()
+        return spent[0] or DEFAULT_SECONDS
+
+    for name, seconds in BENCH_SECONDS.items():
+        monkeypatch.setattr(bench, name, costing(getattr(bench, name), seconds))
+    monkeypatch.setattr(bench, "timed", fake_timed)
     n = 6
-    r = bench.bench(n, repeats=1, device=torch.device("cpu"), batches=(3,))
-    for key in (
-        "minigpt_tok_s", "tutorial_loop_tok_s", "recompute_last_tok_s", "hf_generate_tok_s", "hf_loop_tok_s",
-        "bandwidth_bound_tok_s", "vs_tutorial", "vs_hf", "minigpt_batch3_tok_s", "hf_batch3_tok_s",
-    ):  # fmt: skip
-        assert r[key] > 0, key
-    rows = r["rows"]
-    assert r["vs_hf"] == pytest.approx(rows["HF generate"] / rows["minigpt (KV cache)"], abs=0.006)
+    r = bench.bench(n, repeats=3, device=torch.device("cpu"), batches=(3,))
+    mine = n / BENCH_SECONDS["minigpt_generate"]
+    assert r["minigpt_tok_s"] == mine == r["minigpt_cold_tok_s"]
+    assert r["tutorial_loop_tok_s"] == n / BENCH_SECONDS["tutorial_loop"]
+    assert r["hf_generate_tok_s"] == n / BENCH_SECONDS["hf_generate"]
+    assert r["hf_loop_tok_s"] == n / BENCH_SECONDS["hf_loop"]
+    assert r["bandwidth_bound_tok_s"] == n / DEFAULT_SECONDS  # n reads of W in one timed call
+    assert r["vs_tutorial"] == 4.0 and r["vs_hf"] == 1.5 and r["of_bound"] == 0.5
+    assert r["minigpt_batch3_tok_s"] == 3 * n / BENCH_SECONDS["minigpt_generate"] == 36.0
+    assert r["hf_batch3_tok_s"] == 3 * n / BENCH_SECONDS["hf_generate"] == 24.0
     singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
     assert len(singles) == 6  # five contenders and the cold call
     assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1

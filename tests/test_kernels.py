@@ -1,6 +1,6 @@
-"""The optional training fast paths (`minigpt/kernels.py`, training section) compute what the plain paths do.
+"""The optional training fast paths (`minigpt/kernels/loss.py`) compute what the plain paths do.
 
-- the fused head + cross-entropy (`kernels.fused_linear_nll_sum`): in-place softmax in a reused buffer, the
+- the fused head + cross-entropy (`fused_linear_nll_sum`): in-place softmax in a reused buffer, the
   last chunk's gradient products deferred to the backward pass, -log(p) with an exact fallback for tiny p;
   held to the plain path in float32 (atol 1e-5) and under bf16 autocast;
 - which loss `GPT.loss_kernel="auto"` picks;
@@ -9,17 +9,18 @@
 """
 
 import copy
-import importlib.util
+import dataclasses
+import functools
 import json
 import pickle
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
-from minigpt import kernels
+import minigpt.model
 from minigpt.config import GPTConfig
+from minigpt.kernels.loss import LOSS_CHUNK_ELEMENTS, chunk_rows
 from minigpt.lit_module import LitMiniGPT
 from minigpt.model import GPT, lm_loss
 
@@ -164,12 +165,12 @@ def test_buffer_is_not_copied_or_pickled_with_the_model():
 def test_chunks_are_equal_and_never_above_the_limit():
     for n in (1, 5, 42, 960, 4096, 10_001):
         for limit in (1, 5, 7, 1024, 1341):
-            rows = kernels.chunk_rows(n, limit)
+            rows = chunk_rows(n, limit)
             chunks = -(-n // rows)
             assert rows <= limit and chunks == -(-n // limit)  # as few chunks as the limit allows ...
             assert n - (chunks - 1) * rows > rows - chunks  # ... and a last chunk about as long as the others
     # The tutorial's batch (32 x 30 rows at a 100,000-word vocabulary) fits the fused kernel's one buffer.
-    assert kernels.LOSS_CHUNK_ELEMENTS // 100_000 >= 32 * 30
+    assert LOSS_CHUNK_ELEMENTS // 100_000 >= 32 * 30
 
 
 # -- optimizer -----------------------------------------------------------------------------------------
@@ -208,21 +209,60 @@ def test_configured_optimizer_is_fused_on_cpu_and_steps_like_plain_adam(optimize
 
 
 # -- the benchmark script ------------------------------------------------------------------------------
-def load_bench(monkeypatch):
-    """A fresh copy of scripts/bench_train.py as a module (its --quick sizes stay in that copy)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_train", bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
+# Seconds one step of each contender takes under the fake clock ("probe": the head's three matrix products).
+STEP_SECONDS = {"minigpt": 0.5, "tutorial": 2.0, "hf": 1.0, "loss_plain": 0.75, "loss_fused": 0.25, "probe": 0.125}
+
+
+class FakeClock:
+    """A clock that moves only when a contender's step says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def taking(self, seconds: float, fn):
+        def run(*args, **kwargs):
+            self.now += seconds
+            return fn(*args, **kwargs)
+
+        return run
+
+
+def with_fake_clock(bench, monkeypatch) -> None:
+    """Give every step bench_train times a known duration (STEP_SECONDS)."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "Meter", functools.partial(bench.Meter, clock=clock))
+    monkeypatch.setattr(LitMiniGPT, "training_step", clock.taking(STEP_SECONDS["minigpt"], LitMiniGPT.training_step))
+
+    def timed_steps(make, name_of):
+        def make_timed(*args):
+            contender = make(*args)
+            return dataclasses.replace(contender, step=clock.taking(STEP_SECONDS[name_of(args)], contender.step))
+
+        return make_timed
+
+    monkeypatch.setattr(bench, "tutorial_contender", timed_steps(bench.tutorial_contender, lambda args: "tutorial"))
+    monkeypatch.setattr(bench, "hf_contender", timed_steps(bench.hf_contender, lambda args: "hf"))
+    monkeypatch.setattr(bench, "loss_kernel_contender",
+                        timed_steps(bench.loss_kernel_contender, lambda args: f"loss_{args[-1]}"))  # fmt: skip
+    real_probe = bench.head_matmul_probe
+
+    def head_matmul_probe(rows, device):
+        probe, flop = real_probe(rows, device)
+        return clock.taking(STEP_SECONDS["probe"], probe), flop
+
+    monkeypatch.setattr(bench, "head_matmul_probe", head_matmul_probe)
 
 
 def test_bench_train_holds_its_promises_at_a_tiny_size(capsys, monkeypatch):
     # What scripts/bench_train.py promises: every contender trains on the same (batch, block) batches with
     # the same optimizer implementation and settings as minigpt (fused Adam where minigpt uses it), at least
-    # 5 timed rounds each, and a bound measured at the benchmark's shapes.
-    bench = load_bench(monkeypatch)
+    # 5 timed rounds each, and rates and ratios of the times measured: a fake clock gives each step a known
+    # duration, so every number of the summary is known.
+    bench = load_script("bench_train")
+    with_fake_clock(bench, monkeypatch)
     summary = bench.main(["--quick", "--peers-own-optimizer", "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     assert summary["peer_optimizer"] == "same"
@@ -237,13 +277,22 @@ def test_bench_train_holds_its_promises_at_a_tiny_size(capsys, monkeypatch):
         assert opts[name]["fused"] is None and {**opts[name], "fused": True} == reference
     assert r["batch_shape"] == [2, 8] and r["tokens_per_step"] == 16
     assert all(n >= 5 for n in r["rounds"].values()) and len(r["rounds"]) == 7
-    assert r["of_bound"] == r["minigpt_tok_s"] / r["bound_tok_s"] > 0
-    for key in ("minigpt_tok_s", "tutorial_tok_s", "hf_tok_s", "vs_tutorial", "vs_hf", "fused_loss_speedup"):
-        assert r[key] > 0, key
+    tokens, width, vocab = 16, bench.QUICK["WIDTH"], bench.QUICK["VOCAB"]
+    flop = 3 * 2 * tokens * width * vocab  # the head's three products over the step's rows
+    expected = {
+        "matmul_gflops": flop / STEP_SECONDS["probe"] / 1e9,
+        "bound_tok_s": tokens / STEP_SECONDS["probe"],  # 6 x width x vocab FLOP per token at the probe's rate
+        **{f"{k}_tok_s": tokens / STEP_SECONDS[k] for k in ("minigpt", "tutorial", "hf", "loss_plain", "loss_fused")},
+        "of_bound": STEP_SECONDS["probe"] / STEP_SECONDS["minigpt"],
+        "vs_tutorial": STEP_SECONDS["tutorial"] / STEP_SECONDS["minigpt"],
+        "vs_hf": STEP_SECONDS["hf"] / STEP_SECONDS["minigpt"],
+        "fused_loss_speedup": STEP_SECONDS["loss_plain"] / STEP_SECONDS["loss_fused"],
+    }
+    assert {k: r[k] for k in expected} == pytest.approx(expected, rel=1e-12)
 
 
 def test_bench_train_refuses_contenders_that_differ(monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_script("bench_train")
     # A peer whose optimizer is not a clone of minigpt's (plain Adam): the benchmark must refuse to report.
     original = bench.tutorial_contender
     monkeypatch.setattr(bench, "tutorial_contender", lambda x, y, device, like: original(x, y, device, None))
@@ -279,8 +328,8 @@ def test_fused_head_under_bf16_autocast_equals_plain_path(overrides):
 
 def test_auto_takes_the_fused_kernel_only_for_float32_on_cpu_without_autocast(monkeypatch):
     calls = []
-    real = kernels.fused_linear_nll_sum
-    monkeypatch.setattr(kernels, "fused_linear_nll_sum", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = minigpt.model.fused_linear_nll_sum
+    monkeypatch.setattr(minigpt.model, "fused_linear_nll_sum", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     idx, targets = batch()
     model = tiny_model("auto")
     model.loss(idx, targets)

@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from tutorial_model import TransformerModel
+from script_loader import load_script
 
 from minigpt.config import GPTConfig
 from minigpt.model import GPT, adaptive_input_embedding, lm_loss
+
+TransformerModel = load_script("tutorial_model").TransformerModel  # scripts/tutorial_model.py
 
 PAD_ID = 1  # <pad> in minigpt's word vocabularies: an input filler here, never a loss default
 IGNORE = -100  # F.cross_entropy's ignore_index, the loss's default

@@ -47,21 +47,29 @@ def test_muon_takes_exactly_the_blocks_weight_matrices():
     assert not any("wte" in n or "wpe" in n or "head" in n for n in names)
 
 
-def test_steps_like_muon_and_adamw_side_by_side():
+@pytest.mark.parametrize("found_inf", [None, 0.0], ids=["muon-step", "skippable-step"])
+def test_steps_like_muon_and_adamw_side_by_side(found_inf):
+    # With found_inf set (what training does with the fused AdamW), Muon's half is minigpt's own
+    # out-of-place step: it must be torch.optim.Muon's, bit for bit.
     model, x, y = model_and_batch()
     twin, start = copy.deepcopy(model), copy.deepcopy(model.state_dict())
-    train(model, combined(model), x, y, 3)
+    opt = combined(model, fused=True)
+    if found_inf is not None:
+        opt.found_inf = torch.tensor(found_inf)
+    train(model, opt, x, y, 3)
 
     muon, groups = split(twin)
     parts = [torch.optim.Muon(muon, lr=1e-2, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw"),
-             torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))]  # fmt: skip
+             torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), fused=True)]  # fmt: skip
     for _ in range(3):
         twin.loss(x, y).backward()
-        for opt in parts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for part in parts:
+            part.step()
+            part.zero_grad(set_to_none=True)
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(a, b, atol=1e-6), name
+        assert torch.equal(a, b), name
+    for p, q in zip(opt.muon.param_groups[0]["params"], parts[0].param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["momentum_buffer"], parts[0].state[q]["momentum_buffer"])
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # every weight learned
 
 
@@ -91,14 +99,17 @@ def test_state_dict_resumes_exactly():
     assert opt2.muon.state is opt2.adamw.state is opt2.state  # still shared after loading
 
 
+@pytest.mark.parametrize("first_step", [False, True], ids=["with-momentum", "first-step"])
 @pytest.mark.parametrize("bad", [0.0, 1.0])
-def test_found_inf_skips_the_whole_step_on_the_device(bad):
+def test_found_inf_skips_the_whole_step_on_the_device(bad, first_step):
     model, x, y = model_and_batch()
     opt = combined(model, fused=True)
-    train(model, opt, x, y, 1)  # momenta exist
+    if not first_step:
+        train(model, opt, x, y, 1)  # momenta exist
     before = copy.deepcopy(model.state_dict())
     matrices = opt.muon.param_groups[0]["params"]
-    momenta = {id(p): opt.state[p]["momentum_buffer"].clone() for p in matrices}
+    momenta = {id(p): opt.state[p]["momentum_buffer"].clone() if p in opt.state else torch.zeros_like(p)
+               for p in matrices}  # fmt: skip
     model.loss(x, y).backward()
     opt.found_inf = torch.tensor(bad)
     opt.step()
@@ -106,6 +117,9 @@ def test_found_inf_skips_the_whole_step_on_the_device(bad):
     moved = [not torch.equal(opt.state[p]["momentum_buffer"], momenta[id(p)]) for p in matrices]
     if bad:
         assert not any(changed.values()) and not any(moved)
+        # Bit for bit: the same bytes, not only equal values (-0.0 == 0.0 as numbers).
+        for n, p in model.named_parameters():
+            assert p.view(torch.int32).equal(before[n].view(torch.int32)), n
     else:
         assert all(changed.values()) and all(moved)
 

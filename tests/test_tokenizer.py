@@ -3,7 +3,16 @@ import random
 
 import pytest
 
-from minigpt.tokenizer import EOT, PAD, UNK, Vocab, basic_english, basic_english_reference, detokenize
+from minigpt.tokenizer import (
+    BASIC_ENGLISH_REPLACEMENTS,
+    EOT,
+    PAD,
+    UNK,
+    Vocab,
+    basic_english,
+    basic_english_reference,
+    detokenize,
+)
 
 
 def test_basic_english_example():
@@ -42,6 +51,22 @@ def test_fast_path_equals_reference_rules_on_random_text():
     for _ in range(2000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         assert basic_english(text) == basic_english_reference(text), repr(text)
+
+
+def test_public_replacements_rebuild_basic_english():
+    # What another tokenizer library is told to do (minigpt.convert hands these to Hugging Face's
+    # normalizers): lower-case, the literal replacements in order, split on white space.
+    def rebuilt(text: str) -> list[str]:
+        text = text.lower()
+        for old, new in BASIC_ENGLISH_REPLACEMENTS:
+            text = text.replace(old, new)
+        return text.split()
+
+    rng = random.Random(1)
+    alphabet = list("ab '\".,()!?;:<br />\t\nXÉ") + ["<br />", '<br "/>'] * 3  # the order matters for the second
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert rebuilt(text) == basic_english_reference(text), repr(text)
 
 
 def test_vocab_order_specials_and_ties():

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import torch
 
 from minigpt.checkpoint import model_from_checkpoint, read_checkpoint
 from minigpt.commands._common import Output
 from minigpt.commands.evaluate import corpus_spec, spread, text_file_documents
+from minigpt.commands.generate import add_sampling_arguments
 from minigpt.errors import UserError
 from minigpt.generation import SamplingConfig, generate_text
+
+# Shorter samples than `minigpt generate`'s, two per prompt side by side, at the PyTorch tutorial's temperature.
+SAMPLING_DEFAULTS = {"max_new_tokens": 40, "temperature": 0.7}
+
+
+def add_arguments(parser, argv: list[str]) -> set[str]:
+    """The sampling options, built from `SamplingConfig`, with this command's `SAMPLING_DEFAULTS`."""
+    return add_sampling_arguments(parser, **SAMPLING_DEFAULTS)
 
 
 def compare(
@@ -21,12 +31,9 @@ def compare(
     split: str | None = None,
     archive: str | None = None,
     max_docs: int = 100,
-    max_new_tokens: int = 40,
-    temperature: float = 0.7,
-    top_k: int | None = 50,
-    top_p: float | None = 0.95,
     seed: int = 0,
     json: bool = False,
+    **sampling: Any,
 ) -> None:
     """Samples from both models for the same prompts and seed, and bits per character on the same text.
 
@@ -38,14 +45,12 @@ def compare(
         split: or a split of the checkpoint's data to score (e.g. test).
         archive: aclImdb_v1.tar.gz for --split (else the run's data).
         max_docs: documents to score.
-        max_new_tokens: most tokens per sample.
-        temperature: 0 = greedy.
-        top_k: keep the k most likely tokens (null = all).
-        top_p: nucleus sampling threshold (null = off).
         seed: both models sample with generators seeded with this.
         json: print one JSON object on stdout (the rest goes to stderr).
+        **sampling: `SamplingConfig` fields (--max_new_tokens, --temperature, --top_k, ...); those not
+            given keep `SAMPLING_DEFAULTS`, then `SamplingConfig`'s defaults.
     """
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = SamplingConfig(**{**SAMPLING_DEFAULTS, **sampling})
     if max_docs < 1:
         raise UserError(f"--max_docs must be >= 1, got {max_docs}")
     ckpt = read_checkpoint(ckpt_path)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import sys
 import time
+import typing
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
+import docstring_parser
 import torch
 
 from minigpt.checkpoint import load_model
@@ -22,21 +25,48 @@ from minigpt.generation import SamplingConfig, banned_special_ids, encode_prompt
 from minigpt.generation import stream as stream_tokens
 
 
+def add_arguments(parser, argv: list[str]) -> set[str]:
+    """The sampling options, built from `SamplingConfig` (see `add_sampling_arguments`)."""
+    return add_sampling_arguments(parser)
+
+
+def add_sampling_arguments(parser, **defaults) -> set[str]:
+    """Add one option per `SamplingConfig` field (--max_new_tokens, --temperature, ...) to a command's parser.
+
+    Each option takes the field's type, default and attribute docstring (its help), so a new field
+    reaches every command that calls this; the values arrive as keyword arguments of the command.
+
+    Args:
+        parser: The command's jsonargparse parser.
+        **defaults: This command's own defaults for some fields (the others keep `SamplingConfig`'s).
+
+    Returns:
+        The names of the options added (the command's signature must not add them again).
+    """
+    names = [f.name for f in fields(SamplingConfig)]
+    unknown = set(defaults) - set(names)
+    if unknown:
+        raise TypeError(f"SamplingConfig has no field {sorted(unknown)}; its fields are {names}.")
+    types = typing.get_type_hints(SamplingConfig)
+    docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(SamplingConfig).params}
+    group = parser.add_argument_group("sampling (how each new token is chosen)")
+    for f in fields(SamplingConfig):
+        group.add_argument(f"--{f.name}", type=types[f.name], default=defaults.get(f.name, f.default),
+                           help=docs.get(f.name))  # fmt: skip
+    return set(names)
+
+
 def generate(
     ckpt_path: str,
     prompt: list[str] | None = None,
     prompt_file: str | None = None,
-    max_new_tokens: int = 50,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = 0.95,
-    repetition_penalty: float = 1.0,
     seed: int = 0,
     num_samples: int = 1,
     allow_unk: bool = False,
     stream: bool = False,
     raw: bool = False,
     json: bool = False,
+    **sampling: Any,
 ) -> None:
     """Continue prompts with a trained checkpoint (its vocabulary and model config are inside).
 
@@ -44,19 +74,16 @@ def generate(
         ckpt_path: a minigpt checkpoint.
         prompt: text to continue (repeat the option for several).
         prompt_file: a UTF-8 file with one prompt per line; - reads them from stdin.
-        max_new_tokens: most tokens to generate per sample.
-        temperature: 0 = greedy (the most likely token); higher = more random.
-        top_k: keep the k most likely tokens (null = all).
-        top_p: nucleus sampling threshold (null = off).
-        repetition_penalty: > 1 discourages tokens already in the text (1 = off).
         seed: same seed, same text.
         num_samples: samples per prompt.
         allow_unk: let samples contain <unk> (<pad> is never generated).
         stream: print tokens as they are chosen.
         raw: print tokens separated by spaces, untidied.
         json: print one JSON object (all prompts and samples) on stdout.
+        **sampling: `SamplingConfig` fields (--max_new_tokens, --temperature, --top_k, ...); those not
+            given keep `SamplingConfig`'s defaults.
     """
-    sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    sampling = SamplingConfig(**sampling)
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     prompts = list(prompt or [])

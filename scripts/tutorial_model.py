@@ -1,8 +1,9 @@
 """The PyTorch tutorial's model ("Language Modeling with nn.Transformer and torchtext"), written out once.
 
 minigpt started from this model; `GPTConfig.seed` reproduces it. tests/test_model.py holds minigpt to it
-(same weights, same outputs) and scripts/bench_train.py times it as a contender. It is sequence-first, as
-in the tutorial: src is (T, B). One change: `forward` also accepts `src_key_padding_mask` (the tests pad).
+(same weights, same outputs; it loads this file by path) and scripts/bench_train.py, beside it, times it
+as a contender. It is sequence-first, as in the tutorial: src is (T, B). One change: `forward` also accepts
+`src_key_padding_mask` (the tests pad).
 """
 
 import math
