@@ -50,7 +50,9 @@ def serve(
     """
     missing = [name for name in _EXTRA if importlib.util.find_spec(name) is None]
     if missing:
-        raise UserError(f"minigpt serve needs {', '.join(missing)}: install them with pip install 'minigpt[serve]'")
+        raise UserError(
+            f"minigpt serve needs the serve extra ({', '.join(missing)} is missing): pip install 'minigpt[serve]'"
+        )
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("max_tokens_limit",
                              max_tokens_limit, 1), ("max_body_bytes", max_body_bytes, 1)):  # fmt: skip
         if value < low:

@@ -430,7 +430,8 @@ class _Server:
             reply.cancel()
         failed = reply.failure()
         if failed is not None:
-            return error_response(*failed)
+            status, message, kind = failed
+            return error_response(status, message, kind=kind)
         return JSONResponse(reply.body())
 
     async def _cancel_on_disconnect(self, request: Request, reply: _Reply) -> None:

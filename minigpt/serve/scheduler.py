@@ -310,7 +310,11 @@ class Scheduler:
 
     def _fail(self, jobs: Iterable[Job], err: Exception) -> None:
         message = f"generation failed: {type(err).__name__}: {err}"
-        for job in dict.fromkeys(jobs):
+        jobs = list(dict.fromkeys(jobs))
+        self._decoding.clear()
+        self._sliding.clear()
+        self.cache.rows = 0
+        for job in jobs:
             if job.finish_reason is None:
                 job.finish_reason = "error"
                 with self._lock:
@@ -319,9 +323,6 @@ class Scheduler:
                     job.listener(Update("", len(job.tokens), "error", message))
                 except Exception:
                     log.exception("a listener failed")
-        self._decoding.clear()
-        self._sliding.clear()
-        self.cache.rows = 0
 
 
 def _stable(text: str, stop: Sequence[str]) -> str:
