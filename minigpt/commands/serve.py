@@ -22,6 +22,7 @@ log = logging.getLogger("minigpt")
 
 API_KEY_ENV = "MINIGPT_API_KEY"
 _EXTRA = ("fastapi", "uvicorn", "prometheus_client")
+_FALLBACK_S = 5.0  # after the grace period, how long cancelled requests get to send their last event
 
 
 def serve(
@@ -113,8 +114,21 @@ def _run(app, sock: socket.socket, shutdown_grace_s: float) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, except that after its graceful shutdown on Ctrl-C or SIGTERM the process exits
-        normally: uvicorn raises the signal again, and a re-raised SIGTERM kills the process (status 143)."""
+        """uvicorn's server, with two changes to how it stops on Ctrl-C or SIGTERM.
+
+        Running requests get `shutdown_grace_s` seconds, then the decoding loop cancels them, so each ends
+        with an error answer (503, or an error event in a stream) rather than uvicorn cancelling its task
+        (uvicorn's own timeout, a little later, stays as the fallback). And the process then exits normally:
+        uvicorn raises the signal again, and a re-raised SIGTERM kills the process (status 143).
+        """
+
+        async def shutdown(self, sockets=None) -> None:
+            timer = threading.Timer(shutdown_grace_s, app.state.scheduler.close)
+            timer.start()
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -128,5 +142,6 @@ def _run(app, sock: socket.socket, shutdown_grace_s: float) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s, access_log=False)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_grace_s + _FALLBACK_S,
+                            access_log=False)  # fmt: skip
     Server(config).run(sockets=[sock])
