@@ -452,6 +452,8 @@ def test_missing_or_wrong_api_key_is_401(server, client):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(url + "/metrics").status_code == 401
     assert httpx.get(url + "/health").status_code == 200  # liveness probes carry no key
+    missing = httpx.get(url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
     assert_still_serving(client)
 
 
