@@ -324,8 +324,8 @@ def create_app(
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/", playground, methods=["GET"], response_class=HTMLResponse)
     routes = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/health", "/"}
-    app.add_middleware(CountRequests, metrics=metrics, routes=routes)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics, routes=routes)  # the outermost: it sees every answer
     return app
 
 

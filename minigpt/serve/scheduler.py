@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,6 +126,11 @@ class Scheduler:
         self._stop_ids = {tokenizer.eot_index}
         self._word_level = getattr(tokenizer, "kind", None) != "bpe"
         self._on_step, self._on_token = on_step, on_token
+        # A draw reads the whole vocabulary (softmax, top-p's sort, the multinomial's exponential draws) with
+        # the job's own generator, so jobs draw independently: a pool of threads draws several at once on a
+        # CPU (torch releases the GIL in these ops), where each draw alone keeps about one core busy.
+        threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(threads, "minigpt-draw") if self.device.type == "cpu" and threads > 1 else None
         self._waiting: deque[Job] = deque()
         self._decoding: list[Job] = []  # the job at index r holds row r of the cache
         self._sliding: list[Job] = []
@@ -179,6 +185,8 @@ class Scheduler:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._pool is not None and (self._thread is None or not self._thread.is_alive()):
+            self._pool.shutdown()
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -249,16 +257,22 @@ class Scheduler:
         job._seq, job._n = seq.to(self.device), L
 
     def _sample(self, scored: list[tuple[Job, Tensor]]) -> None:
-        chosen = []
-        for job, logits in scored:
-            if self._banned is not None:
-                logits = logits.index_fill(1, self._banned, -math.inf)
-            penalty = job.sampling.repetition_penalty != 1.0
-            prev = job._seq[None, : job._n] if penalty else None
-            chosen.append(sample_next(logits, job.sampling, prev_ids=prev, generator=job._generator))
+        if self._pool is not None and len(scored) > 1:
+            chosen = list(self._pool.map(self._draw, scored))
+        else:
+            chosen = [self._draw(item) for item in scored]
         tokens = torch.cat(chosen)  # (jobs,)
         for (job, _), token in zip(scored, tokens.tolist()):  # the step's one transfer to the host
             self._advance(job, token)
+
+    def _draw(self, item: tuple[Job, Tensor]) -> Tensor:
+        """One job's token from its (1, V) scores, drawn as `minigpt generate` draws it: (1,) ids."""
+        job, logits = item
+        with torch.inference_mode():  # a pool thread does not inherit the loop thread's inference mode
+            if self._banned is not None:
+                logits = logits.index_fill(1, self._banned, -math.inf)
+            prev = job._seq[None, : job._n] if job.sampling.repetition_penalty != 1.0 else None
+            return sample_next(logits, job.sampling, prev_ids=prev, generator=job._generator)
 
     def _advance(self, job: Job, token: int) -> None:
         now = time.perf_counter()
