@@ -243,11 +243,11 @@ def main() -> None:
             notes.append(f"transformers serve: {why}")
         else:
             servers.append(hf)
-        for server in servers:
-            name = Path(args.hf_folder).name if server is hf else model
-            results[server.name] = {}
-            for clients in LEVELS:
-                per_client = max(args.requests_per_client, 6 // clients)  # at least 6 requests per level
+        results = {server.name: {} for server in servers}
+        for clients in LEVELS:
+            per_client = max(args.requests_per_client, 6 // clients)  # at least 6 requests per level
+            for server in servers:  # the servers take turns at each level: load from elsewhere hits them alike
+                name = Path(args.hf_folder).name if server is hf else model
                 level = run_level(server.url, name, clients, per_client, args.max_tokens, deadline, sampling)
                 results[server.name][clients] = level
         batching = servers[0]
