@@ -9,7 +9,8 @@ calls each job's listener with an `Update` per token. Every step:
     3. a sliding job re-reads its last block_size tokens alone, as `minigpt generate` does past block_size;
     4. an admitted job's prompt is prefilled alone into a free row;
     5. each job draws its token with its own `SamplingConfig` and seeded generator (a (1, V) draw: the
-       draws `minigpt generate` makes for one prompt with the same seed), then finishing jobs leave and the
+       draws `minigpt generate` makes for one prompt with the same seed; on a CPU, several jobs draw at once
+       on a pool of threads), then finishing jobs leave and the
        last row fills the gap, so the decoding rows stay 0 .. rows-1.
 
 A job's text is the tokenizer's tidy decode of its whole continuation; each update carries what is new, and
