@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'minigpt[serve]')")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'minigpt[dev]')")
 
-import httpx  # noqa: E402  (after the skips: it comes with the openai client)
+import httpx  # noqa: E402  (after the skips, with the other serve test dependencies)
 import uvicorn  # noqa: E402
 
 from minigpt.cache import SlotCache  # noqa: E402
