@@ -32,6 +32,7 @@ COMMANDS = {
     "evaluate": "score a checkpoint on a split or a text file: loss, perplexity, bits per character",
     "convert": "Hugging Face GPT-2 folder -> minigpt checkpoint (--from_hf), or back (--to_hf)",
     "compare": "a minigpt checkpoint and a Hugging Face model side by side: samples and bits per character",
+    "serve": "an OpenAI-compatible HTTP server (streaming, continuous batching) with a playground page",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
