@@ -148,6 +148,17 @@ def test_top_k_ties_do_not_let_extra_tokens_through():
     assert len(seen) == 3 and 0 in seen and seen <= {0, 1, 2, 3}
 
 
+def test_top_k_and_top_p_draw_vocabulary_ids_from_the_renormalised_survivors():
+    # The best scores sit at high ids, so a draw that returned positions among the candidates (0, 1, ...)
+    # instead of vocabulary ids would fail; temperature 2 flattens, top-k 3 keeps {7, 9, 8}, top-p 0.6 then
+    # keeps the best two of those (their tempered probabilities 0.47 + 0.29 reach 0.6 only together).
+    logits = torch.tensor([[0.0, -1.0, 0.5, 0.2, -0.3, 0.1, 0.0, 3.0, 1.6, 2.0]])
+    ids = draw(logits, 20000, temperature=2.0, top_k=3, top_p=0.6)
+    assert set(ids.tolist()) == {7, 9}
+    kept = (logits[0, [7, 9]] / 2.0).softmax(-1)
+    assert (ids == 7).float().mean().item() == pytest.approx(kept[0].item(), abs=0.02)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.0625, 0.25, 0.5, 0.125, 0.0625])  # best first: 2, 1, 3, then 0 and 4
     logits = probs.log()[None]
