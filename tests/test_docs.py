@@ -152,9 +152,6 @@ NOT_RUNNABLE = {
 # be a line of the output, except lines starting with these words (timings, the cache path).
 SHOWN_OUTPUT = {"minigpt prepare --data.source bundled": ("seconds", "built")}
 
-# Links to pages that other work adds; once such a page exists, the entry must go.
-PAGES_TO_COME = {"docs/serving.md"}
-
 # Development-log wording: the docs are reference for a stranger, not a history of how they came to be.
 DEVELOPMENT_LOG = [
     r"\bround \d",
@@ -347,13 +344,14 @@ def test_no_development_log_words(page: Path):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
-def test_relative_links_resolve(page: Path):
+def test_links_and_named_files_exist(page: Path):
+    """Relative links, and files of the project named in backquotes (`minigpt/...`, `scripts/...`, ...)."""
     text = page.read_text(encoding="utf-8")
-    targets = {t for t in re.findall(r"\]\(([^)\s#]+)", text) if "://" not in t}
-    missing = {str((page.parent / t).resolve().relative_to(ROOT)) for t in targets if not (page.parent / t).exists()}
-    assert missing <= PAGES_TO_COME, f"{page.name} links to missing files: {sorted(missing - PAGES_TO_COME)}"
-    arrived = {p for p in PAGES_TO_COME if (ROOT / p).exists()}
-    assert not arrived, f"{sorted(arrived)} exist now: remove them from PAGES_TO_COME"
+    links = [t for t in re.findall(r"\]\(([^)\s#]+)", text) if "://" not in t]
+    missing = [t for t in links if not (page.parent / t).exists()]
+    named = re.findall(r"`((?:minigpt|scripts|tests|configs|docs|examples)/[\w./-]*)`", text)
+    missing += [n for n in named if not (ROOT / n).exists()]
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
 
 
 def test_readme_states_the_torch_floor_of_pyproject():
