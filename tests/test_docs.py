@@ -41,7 +41,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TINY = shlex.quote(str(ROOT / "configs" / "tiny.yaml"))
 EXAMPLE_LANGUAGES = ("bash", "python")
 OTHER_LANGUAGES = ("text", "yaml", "json")
-TIMEOUT_S = 300  # per example: a hang fails instead of blocking the suite
+TIMEOUT_S = 600  # per example: a hang fails instead of blocking the suite (a busy 2-core machine needs minutes)
 
 RUN_AS_WRITTEN = {
     # README.md
