@@ -1,7 +1,8 @@
 """Hugging Face causal LMs beside minigpt: load them from local folders, score and sample them.
 
 - `load_hf_gpt2` reads a model and its tokenizer from a local folder (or the local Hugging Face
-  cache); it never touches the network.
+  cache); it never touches the network. A folder minigpt exported in its own architecture loads with
+  minigpt's classes (`minigpt.hf_model`, registered when transformers' Auto classes load).
 - `hf_bits_per_character` / `minigpt_bits_per_character` score texts with the one scorer of
   `minigpt.evaluation` (same windows, special ids from the tokenizer), and `hf_generate(_text)` run an
   HF model through the one decoding loop of `minigpt.generation` (same sampler, same banned ids), so
@@ -242,10 +243,16 @@ def hf_generate(
     stop_ids = None if stop_ids is None else tuple(stop_ids)  # read twice: by the loop and by `collect`
     steps = decode(
         hf_model, lambda _: _HFStep(hf_model, use_cache), prompt_ids, sampling,
-        vocab_size=hf_model.get_output_embeddings().weight.size(0), stop_ids=stop_ids, generator=generator,
+        vocab_size=_vocab_size(hf_model), stop_ids=stop_ids, generator=generator,
         banned_ids=banned_ids,
     )  # fmt: skip
     return collect(steps, stop_ids)
+
+
+def _vocab_size(hf_model: PreTrainedModel) -> int:
+    # The rows of the output layer (GPT-2 may pad them past the tokenizer); an adaptive head has no such matrix.
+    head = hf_model.get_output_embeddings()
+    return hf_model.config.vocab_size if head is None else head.weight.size(0)
 
 
 def _returned_cache(out: Any) -> Any:
