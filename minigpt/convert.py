@@ -391,7 +391,6 @@ def convert_from_hf(hf_dir: str | Path, out_ckpt: str | Path, *, overwrite: bool
         raise UserError(f"{out} is a folder; --out must name a checkpoint file (e.g. gpt2.ckpt)")
     hf_model, tokenizer = load_hf_gpt2(hf_dir)
     model = hf_to_minigpt(hf_model)
-    tokenizer = word_vocab_of(tokenizer) or tokenizer
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
             f"the tokenizer in {hf_dir} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}"

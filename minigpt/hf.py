@@ -37,7 +37,7 @@ from minigpt.generation import (
     window,
 )
 from minigpt.model import GPT
-from minigpt.tokenizer import IGNORE_INDEX
+from minigpt.tokenizer import IGNORE_INDEX, Vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 def load_hf_gpt2(
     dir_or_name: str | Path, *, cache_dir: str | Path | None = None
-) -> tuple[PreTrainedModel, BpeTokenizer]:
+) -> tuple[PreTrainedModel, BpeTokenizer | Vocab]:
     """A Hugging Face causal LM (GPT-2 or other) and its tokenizer, from local files only.
 
     Args:
@@ -57,7 +57,8 @@ def load_hf_gpt2(
         cache_dir: The Hugging Face cache to look names up in (default: the usual HF_HOME cache).
 
     Returns:
-        (the model in eval mode, its tokenizer as a `BpeTokenizer`).
+        (the model in eval mode, its tokenizer: the word `Vocab` when the folder holds one minigpt exported
+        (`minigpt.convert.word_level_hf_tokenizer`), else a `BpeTokenizer` over the folder's tokenizer).
 
     Raises:
         ValueError: one line saying why: not a folder and not cached, or a folder transformers cannot read.
@@ -71,7 +72,10 @@ def load_hf_gpt2(
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a Hugging Face causal LM from {folder}: {_first_line(err)}") from err
     model.eval()
-    return model, BpeTokenizer.from_pretrained(folder)
+    tokenizer = BpeTokenizer.from_pretrained(folder)
+    from minigpt.convert import word_vocab_of  # minigpt.convert imports this module: imported here, when used
+
+    return model, word_vocab_of(tokenizer) or tokenizer
 
 
 def _local_folder(dir_or_name: str | Path, cache_dir: str | Path | None) -> Path:
