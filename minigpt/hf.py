@@ -271,14 +271,15 @@ def hf_generate_text(
     """`minigpt.generation.generate_text` for a Hugging Face causal LM: same prompt checks, same sampler,
     same banned ids (never `<pad>`, `<unk>` only with `allow_unk`).
 
-    Stops at the tokenizer's end-of-text token or after `max_new_tokens`; returns the continuation only.
+    Stops at the tokenizer's end-of-text token or after `max_new_tokens`; returns the continuation only, decoded
+    as `generate_text` decodes it (tidied: a word vocabulary's "it ' s" reads "it's").
     """
     ids = encode_prompt(tokenizer, prompt, block_size=_context_length(hf_model))
     (result,) = hf_generate(
         hf_model, ids, sampling, stop_ids=(tokenizer.eot_index,), generator=generator,
         banned_ids=banned_special_ids(tokenizer, allow_unk=allow_unk), use_cache=use_cache,
     )  # fmt: skip
-    return tokenizer.decode(result.tokens)
+    return tokenizer.decode(result.tokens, tidy=True)
 
 
 def _first_line(err: BaseException) -> str:

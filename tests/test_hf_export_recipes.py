@@ -35,7 +35,7 @@ RECIPES = {
 }
 
 CHILD = r"""
-import json, sys
+import contextlib, io, json, os, re, sys
 sys.modules["minigpt"] = None  # `import minigpt` raises ImportError
 sys.modules["lightning"] = None
 sys.modules["pytorch_lightning"] = None
@@ -58,6 +58,12 @@ for name, folder in json.loads(sys.argv[1]).items():
         "greedy": greedy[0, prompt["input_ids"].size(1):].tolist(),
         "pipeline": pipe(sys.argv[3], max_new_tokens=8)[0]["generated_text"],
     }
+    # The model card's example, as a reader copies it, next to the folder.
+    card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    os.chdir(os.path.dirname(folder))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), {})
+    out[name]["card_example"] = printed.getvalue()
 try:
     import minigpt  # noqa: F401
     out["minigpt_importable"] = True
@@ -133,6 +139,7 @@ def test_recipes_load_and_match_without_minigpt(recipes, tmp_path):
         new = result["greedy"][:-1] if result["greedy"][-1:] == [tok.eot_index] else result["greedy"]
         assert tok.decode(new, tidy=True) == text and len(new) > 0
         assert result["pipeline"].startswith(PROMPT) and len(result["pipeline"]) > len(PROMPT)
+        assert result["card_example"].startswith(PROMPT) and len(result["card_example"]) > len(PROMPT) + 20
 
 
 def test_recipes_round_trip_exactly(recipes, tmp_path):
