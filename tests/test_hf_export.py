@@ -294,10 +294,12 @@ def _without_own_imports(tree: ast.Module) -> ast.Module:
 
 
 def test_exported_code_is_the_package_code(exported, tmp_path):
-    model, _ = exported["imdb"]
+    model, loaded = exported["imdb"]
     folder = export(model, tmp_path / "f")
     written = {p.name: p.read_text() for p in folder.glob("*.py")}
     assert written == source_files.source_files()
+    loaded.save_pretrained(tmp_path / "again")  # a loaded model saves the same self-contained folder
+    assert {p.name: p.read_text() for p in (tmp_path / "again").glob("*.py")} == written
     assert {"configuration_minigpt.py", "modeling_minigpt.py", "minigpt_model.py", "minigpt_config.py"} <= set(written)
     # Each file is a package module (minigpt/a/b.py -> minigpt_a_b.py; minigpt/hf_model/x.py keeps its name)
     # with only its minigpt imports changed into relative ones.
@@ -431,6 +433,10 @@ def test_pipeline_continues_like_minigpt(word_ckpt, tmp_path):
     prompt = vocab.encode("the movie was")
     (result,) = generate(model, prompt, SamplingConfig.greedy(10), stop_ids=(vocab.eot_index,),
                          banned_ids=banned_special_ids(vocab))  # fmt: skip
+    assert json.loads((folder / "generation_config.json").read_text())["suppress_tokens"] == [
+        vocab.pad_index,
+        vocab.unk_index,
+    ]
     pipe = transformers.pipeline("text-generation", model=str(folder), device="cpu")
     (got,) = pipe("the movie was", do_sample=False, max_new_tokens=10)
     # The pipeline returns the prompt + the continuation decoded alone (which begins with its word's space).

@@ -58,6 +58,13 @@ for name, folder in json.loads(sys.argv[1]).items():
         "greedy": greedy[0, prompt["input_ids"].size(1):].tolist(),
         "pipeline": pipe(sys.argv[3], max_new_tokens=8)[0]["generated_text"],
     }
+    # Saved again from remote code (e.g. after fine-tuning), the folder keeps the same code.
+    model.save_pretrained(folder + "-again")
+    out[name]["same_code_saved"] = all(
+        open(os.path.join(folder + "-again", f)).read() == open(os.path.join(folder, f)).read()
+        for f in os.listdir(folder) if f.endswith(".py")
+    ) and sorted(f for f in os.listdir(folder + "-again") if f.endswith(".py")) == sorted(
+        f for f in os.listdir(folder) if f.endswith(".py"))
     # The model card's example, as a reader copies it, next to the folder.
     card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     os.chdir(os.path.dirname(folder))
@@ -139,6 +146,7 @@ def test_recipes_load_and_match_without_minigpt(recipes, tmp_path):
         new = result["greedy"][:-1] if result["greedy"][-1:] == [tok.eot_index] else result["greedy"]
         assert tok.decode(new, tidy=True) == text and len(new) > 0
         assert result["pipeline"].startswith(PROMPT) and len(result["pipeline"]) > len(PROMPT)
+        assert result["same_code_saved"] is True
         assert result["card_example"].startswith(PROMPT) and len(result["card_example"]) > len(PROMPT) + 20
 
 

@@ -103,7 +103,7 @@ def model_card(
     )  # fmt: skip
     hp = ckpt.get("hyper_parameters") or {}
     steps = ckpt.get("global_step", 0)
-    training = f"Steps: {steps:,} (epoch {ckpt.get('epoch', 0)})."
+    training = f"Steps: {steps:,} (epoch {ckpt.get('epoch', 0)})." if data or steps else ""
     if steps and "optimizer" in hp:
         training += f" Optimizer {hp['optimizer']}, learning rate {hp['lr']}, schedule {hp.get('scheduler')}."
     if "block_size" in data and "batch_size" in data:

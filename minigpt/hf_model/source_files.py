@@ -41,11 +41,15 @@ def flat_name(module: str) -> str:
 def source_files() -> dict[str, str]:
     """Every file an exported folder needs: flat file name -> source text (rewritten where it came from the package).
 
+    Run from remote code, only the files transformers copied are there: those the configuration needs when
+    only the configuration was loaded (then the model's files come from `custom_object_save`, see
+    `PreTrainedModel.save_pretrained`).
+
     Raises:
         ValueError: a module imports minigpt in a form that has no flat equivalent (`import minigpt.x`, a
             name re-exported by a package `__init__`, a relative import above its own folder).
     """
-    todo = [_HERE / f"{name}.py" for name in ENTRY_MODULES]
+    todo = [_HERE / f"{name}.py" for name in ENTRY_MODULES if (_HERE / f"{name}.py").is_file()]
     files: dict[str, str] = {}
     seen: set[Path] = set()
     while todo:
