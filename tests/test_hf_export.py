@@ -179,6 +179,11 @@ def test_greedy_generate_equals_minigpt(exported, name, use_cache):
     assert len({t for row in got for t in row}) > 3  # real sequences, not one repeated token
 
 
+def _cache(output):
+    # transformers 5 returns the cache as `cache`, earlier releases as `past_key_values`
+    return output.cache if "cache" in output else output.past_key_values
+
+
 def test_kv_cache_steps_equal_full_forward(exported):
     """The cache adapter: feeding tokens one by one through transformers' DynamicCache gives the full forward."""
     model, hf = exported["modern"]
@@ -188,9 +193,9 @@ def test_kv_cache_steps_equal_full_forward(exported):
         out = hf(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
         steps = [out.logits]
         for t in range(4, ids.size(1)):
-            out = hf(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache, use_cache=True)
+            out = hf(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=_cache(out), use_cache=True)
             steps.append(out.logits)
-    assert out.cache.get_seq_length() == ids.size(1)
+    assert _cache(out).get_seq_length() == ids.size(1)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -433,10 +438,7 @@ def test_pipeline_continues_like_minigpt(word_ckpt, tmp_path):
     prompt = vocab.encode("the movie was")
     (result,) = generate(model, prompt, SamplingConfig.greedy(10), stop_ids=(vocab.eot_index,),
                          banned_ids=banned_special_ids(vocab))  # fmt: skip
-    assert json.loads((folder / "generation_config.json").read_text())["suppress_tokens"] == [
-        vocab.pad_index,
-        vocab.unk_index,
-    ]
+    assert GenerationConfig.from_pretrained(folder).suppress_tokens == [vocab.pad_index, vocab.unk_index]
     pipe = transformers.pipeline("text-generation", model=str(folder), device="cpu")
     (got,) = pipe("the movie was", do_sample=False, max_new_tokens=10)
     # The pipeline returns the prompt + the continuation decoded alone (which begins with its word's space).
@@ -459,12 +461,12 @@ def test_folder_is_ready_to_publish(tmp_path):
     folder = convert_to_hf(save_checkpoint(ckpt, tmp_path / "m.ckpt"), tmp_path / "my-model", license="apache-2.0")
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names
-    gen = json.loads((folder / "generation_config.json").read_text())
+    gen = GenerationConfig.from_pretrained(folder)
     defaults = SamplingConfig()
-    assert (gen["temperature"], gen["top_k"], gen["top_p"], gen["max_new_tokens"]) == (
-        defaults.temperature, defaults.top_k, defaults.top_p, defaults.max_new_tokens)  # fmt: skip
-    assert gen["eos_token_id"] == tok.eot_index == json.loads((folder / "config.json").read_text())["eos_token_id"]
-    assert tok.eot_index != 2 and "suppress_tokens" not in gen  # BPE pads with <|endoftext|>, has no <unk>
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens) == (
+        True, defaults.temperature, defaults.top_k, defaults.top_p, defaults.max_new_tokens)  # fmt: skip
+    assert gen.eos_token_id == tok.eot_index == json.loads((folder / "config.json").read_text())["eos_token_id"]
+    assert tok.eot_index != 2 and not gen.suppress_tokens  # BPE pads with <|endoftext|>, has no <unk>
     card = ModelCard.load(folder / "README.md")
     assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
     assert card.data.datasets == ["stanfordnlp/imdb"] and "custom_code" in card.data.tags

@@ -83,9 +83,11 @@ print(json.dumps(out))
 
 
 def _corpus(path: Path) -> Path:
-    """Reviews over 1,500 made-up words (each seen at least twice: imdb.yaml keeps words seen twice)."""
+    """Reviews over 1,500 made-up words (each seen at least twice: imdb.yaml keeps words seen twice), each
+    beginning with the prompt's words."""
     words = [f"w{i}" for i in range(1500)]
-    docs = [" ".join(words[(d * 37 + k * 11) % len(words)] for k in range(40)) + ". it's fun!" for d in range(160)]
+    docs = [f"The movie was {' '.join(words[(d * 37 + k * 11) % len(words)] for k in range(40))}. It's fun!"
+            for d in range(160)]  # fmt: skip
     path.write_text("\n\n".join(docs))
     return path
 

@@ -31,8 +31,9 @@ class MiniGPTConfig(PretrainedConfig):
     special token ids.
 
     Args:
-        **kwargs: `GPTConfig` fields (missing ones take `GPTConfig`'s defaults; `vocab_size` is required)
-            and `PretrainedConfig` arguments such as `bos_token_id`, `eos_token_id`, `pad_token_id`.
+        **kwargs: `GPTConfig` fields (missing ones take `GPTConfig`'s defaults) and `PretrainedConfig`
+            arguments such as `bos_token_id`, `eos_token_id`, `pad_token_id`. Without `vocab_size` (transformers
+            builds a default config to compare against) nothing is validated until `to_gpt_config`.
     """
 
     model_type = "minigpt"
@@ -45,17 +46,23 @@ class MiniGPTConfig(PretrainedConfig):
     }
 
     def __init__(self, **kwargs: Any) -> None:
-        given = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(GPTConfig) if f.name in kwargs}
-        architecture = GPTConfig(**given)  # validates, and fills in the defaults
-        for name, value in dataclasses.asdict(architecture).items():
+        values = {f.name: kwargs.pop(f.name, f.default) for f in dataclasses.fields(GPTConfig)}
+        if values["vocab_size"]:
+            values = dataclasses.asdict(GPTConfig(**values))  # validated, as minigpt validates it
+        for name, value in values.items():
             setattr(self, name, list(value) if isinstance(value, tuple) else value)  # JSON has lists
         # Only the linear head has a tensor shared with the input; the tied adaptive input has no tensor of its own.
-        kwargs["tie_word_embeddings"] = architecture.tie_weights and architecture.head == "linear"
+        kwargs["tie_word_embeddings"] = bool(values["tie_weights"]) and values["head"] == "linear"
         super().__init__(**kwargs)
 
     def to_gpt_config(self) -> GPTConfig:
         """The `GPTConfig` of this architecture."""
         return GPTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)})
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`PretrainedConfig.to_diff_dict` (what `config.json` holds) with every architecture field, defaults too,
+        so that a folder never depends on the defaults of the code that loads it."""
+        return {**super().to_diff_dict(), **{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)}}
 
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         """`PretrainedConfig.save_pretrained`, plus `auto_map` and the source files it names, so that the

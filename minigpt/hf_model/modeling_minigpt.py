@@ -75,13 +75,15 @@ class MiniGPTForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Block"]
     # The tied linear head: `lm_head.weight` is `wte.weight` (only when config.tie_word_embeddings says so).
     _tied_weights_keys = {"model.lm_head.weight": "model.transformer.wte.weight"}
-    # The adaptive softmax computes in float32 (`GPT.head_logits`), so its weights stay float32 in any dtype.
-    _keep_in_fp32_modules_strict = ["adaptive"]
 
     def __init__(self, config: MiniGPTConfig) -> None:
         super().__init__(config)
         self.model = GPT(config.to_gpt_config())
         self.post_init()
+        if config.head == "adaptive":
+            # The adaptive softmax computes in float32 (`GPT.head_logits`), so its weights stay float32 in any
+            # dtype. Set on the instance, after `post_init`: transformers checks that the module exists.
+            self._keep_in_fp32_modules_strict = {"adaptive"}
 
     def _init_weights(self, module: nn.Module) -> None:
         # `from_pretrained` builds the model on the meta device and fills in what the weights file holds;
