@@ -62,7 +62,8 @@ def gpt2_config_to_minigpt(hf_config: GPT2Config) -> GPTConfig:
     """
     if getattr(hf_config, "model_type", None) != "gpt2":
         raise UserError(
-            f"only GPT-2 models convert to minigpt, got model_type {getattr(hf_config, 'model_type', None)!r}"
+            "only GPT-2 models and minigpt's own exports (model_type 'minigpt') convert to minigpt, got model_type "
+            f"{getattr(hf_config, 'model_type', None)!r}"
         )
     unsupported = {
         "add_cross_attention": True,

@@ -35,6 +35,7 @@ from minigpt.convert import (
     word_vocab_of,
 )
 from minigpt.data.sources import read_imdb
+from minigpt.errors import UserError
 from minigpt.generation import SamplingConfig, banned_special_ids, generate, generate_text
 from minigpt.hf_model import source_files
 from minigpt.hf_model.configuration_minigpt import MiniGPTConfig
@@ -479,6 +480,19 @@ def test_folder_is_ready_to_publish(tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(folder)
     assert hf_tok.encode(TEXTS[2], add_special_tokens=False) == tok.encode(TEXTS[2])
     assert word_vocab_of(BpeTokenizer.from_pretrained(folder)) is None  # a BPE stays a BPE on the way back
+
+
+def test_other_architectures_are_refused_in_one_line(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_bpe(TEXTS, 300)
+    tok.save_pretrained(tmp_path / "llama")
+    config = LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with pytest.raises(UserError, match="only GPT-2 models and minigpt's own exports .* got model_type 'llama'"):
+        convert_from_hf(tmp_path / "llama", tmp_path / "llama.ckpt")
+    assert not (tmp_path / "llama.ckpt").exists()
 
 
 def test_bfloat16_export_keeps_the_adaptive_head_in_float32(word_ckpt, tmp_path):

@@ -57,6 +57,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 break
         else:
             return None
+        if spec.loader is None:
+            return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_act(module) -> None:
