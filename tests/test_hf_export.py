@@ -363,6 +363,18 @@ def test_source_rewrite_refuses_imports_without_a_flat_form(tmp_path, monkeypatc
         "    from .minigpt_a import X  # noqa: F401 (names the file)\n    return a.X\n"
     )
     assert needs == [pkg / "a.py"]
+    # a package's modules flatten too: minigpt/sub/b.py -> minigpt_sub_b.py, minigpt/sub/__init__.py -> minigpt_sub.py
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("Y = 2\n")
+    (pkg / "c.py").write_text("from minigpt.sub.b import Y as Z\nfrom minigpt.sub import b\nW = b.Y + Z\n")
+    text, needs = source_files._rewrite(pkg / "c.py")
+    assert text.splitlines()[:3] == [
+        "from .minigpt_sub_b import Y as Z",
+        "from . import minigpt_sub_b as b",
+        "from .minigpt_sub_b import Y  # noqa: F401 (names the file)",
+    ]
+    assert sorted(needs) == [pkg / "sub" / "b.py", pkg / "sub" / "b.py"]
+    assert source_files._flat_file(pkg / "sub" / "__init__.py") == "minigpt_sub.py"
 
 
 def test_registration_when_transformers_came_first(monkeypatch):

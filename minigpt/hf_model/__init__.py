@@ -2,7 +2,8 @@
 
 `configuration_minigpt.py` and `modeling_minigpt.py` are the pair transformers expects of an architecture
 (as in its own `models/gpt2/`); `source_files.py` writes them, with the minigpt modules they import, into a
-model folder, so that the folder loads without minigpt (`trust_remote_code=True`).
+model folder, so that the folder loads without minigpt (`trust_remote_code=True`); `card.py` writes the
+folder's generation settings and model card (`minigpt convert --to_hf`, in `minigpt.convert`).
 
 Where minigpt is installed, `from_pretrained(DIR)` needs no remote code: importing minigpt registers the
 classes with `AutoConfig` and `AutoModelForCausalLM`. Registering imports transformers and torch, which

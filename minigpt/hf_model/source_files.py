@@ -123,9 +123,10 @@ def _rewrite(path: Path) -> tuple[str, list[Path]]:
 
 
 def _imported_modules(node: ast.ImportFrom) -> list[str]:
-    """The package modules a `from minigpt... import` statement loads: its module, and any names that are modules."""
-    names = [f"{node.module}.{a.name}" for a in node.names if _module_path(f"{node.module}.{a.name}")]
-    return [node.module, *names] if node.module != PACKAGE else names
+    """The package modules the flat form of a `from minigpt... import` statement imports: the submodules it
+    names, and its module when it also names something else."""
+    submodules = [f"{node.module}.{a.name}" for a in node.names if _module_path(f"{node.module}.{a.name}")]
+    return submodules if len(submodules) == len(node.names) else [node.module, *submodules]
 
 
 def _flat_imports(path: Path, node: ast.ImportFrom, tree: ast.Module) -> list[str]:
