@@ -10,6 +10,8 @@ The names load on first use, so ``minigpt --help`` starts without importing torc
 from importlib import import_module
 from typing import Any
 
+from minigpt.hf_model import install_registration as _install_registration
+
 _EXPORTS = {
     "GPTConfig": "minigpt.config",
     "GPT": "minigpt.model",
@@ -25,6 +27,9 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+# transformers' Auto classes learn the "minigpt" model type when they load (see minigpt.hf_model).
+_install_registration()
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,8 @@
 """Hugging Face causal LMs beside minigpt: load them from local folders, score and sample them.
 
 - `load_hf_gpt2` reads a model and its tokenizer from a local folder (or the local Hugging Face
-  cache); it never touches the network.
+  cache); it never touches the network. A folder minigpt exported in its own architecture loads with
+  minigpt's classes (`minigpt.hf_model`, registered when transformers' Auto classes load).
 - `hf_bits_per_character` / `minigpt_bits_per_character` score texts with the one scorer of
   `minigpt.evaluation` (same windows, special ids from the tokenizer), and `hf_generate(_text)` run an
   HF model through the one decoding loop of `minigpt.generation` (same sampler, same banned ids), so
@@ -36,7 +37,7 @@ from minigpt.generation import (
     window,
 )
 from minigpt.model import GPT
-from minigpt.tokenizer import IGNORE_INDEX
+from minigpt.tokenizer import IGNORE_INDEX, Vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 def load_hf_gpt2(
     dir_or_name: str | Path, *, cache_dir: str | Path | None = None
-) -> tuple[PreTrainedModel, BpeTokenizer]:
+) -> tuple[PreTrainedModel, BpeTokenizer | Vocab]:
     """A Hugging Face causal LM (GPT-2 or other) and its tokenizer, from local files only.
 
     Args:
@@ -56,7 +57,8 @@ def load_hf_gpt2(
         cache_dir: The Hugging Face cache to look names up in (default: the usual HF_HOME cache).
 
     Returns:
-        (the model in eval mode, its tokenizer as a `BpeTokenizer`).
+        (the model in eval mode, its tokenizer: the word `Vocab` when the folder holds one minigpt exported
+        (`minigpt.convert.word_level_hf_tokenizer`), else a `BpeTokenizer` over the folder's tokenizer).
 
     Raises:
         ValueError: one line saying why: not a folder and not cached, or a folder transformers cannot read.
@@ -70,7 +72,10 @@ def load_hf_gpt2(
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a Hugging Face causal LM from {folder}: {_first_line(err)}") from err
     model.eval()
-    return model, BpeTokenizer.from_pretrained(folder)
+    tokenizer = BpeTokenizer.from_pretrained(folder)
+    from minigpt.convert import word_vocab_of  # minigpt.convert imports this module: imported here, when used
+
+    return model, word_vocab_of(tokenizer) or tokenizer
 
 
 def _local_folder(dir_or_name: str | Path, cache_dir: str | Path | None) -> Path:
@@ -242,10 +247,16 @@ def hf_generate(
     stop_ids = None if stop_ids is None else tuple(stop_ids)  # read twice: by the loop and by `collect`
     steps = decode(
         hf_model, lambda _: _HFStep(hf_model, use_cache), prompt_ids, sampling,
-        vocab_size=hf_model.get_output_embeddings().weight.size(0), stop_ids=stop_ids, generator=generator,
+        vocab_size=_vocab_size(hf_model), stop_ids=stop_ids, generator=generator,
         banned_ids=banned_ids,
     )  # fmt: skip
     return collect(steps, stop_ids)
+
+
+def _vocab_size(hf_model: PreTrainedModel) -> int:
+    # The rows of the output layer (GPT-2 may pad them past the tokenizer); an adaptive head has no such matrix.
+    head = hf_model.get_output_embeddings()
+    return hf_model.config.vocab_size if head is None else head.weight.size(0)
 
 
 def _returned_cache(out: Any) -> Any:
@@ -260,14 +271,15 @@ def hf_generate_text(
     """`minigpt.generation.generate_text` for a Hugging Face causal LM: same prompt checks, same sampler,
     same banned ids (never `<pad>`, `<unk>` only with `allow_unk`).
 
-    Stops at the tokenizer's end-of-text token or after `max_new_tokens`; returns the continuation only.
+    Stops at the tokenizer's end-of-text token or after `max_new_tokens`; returns the continuation only, decoded
+    as `generate_text` decodes it (tidied: a word vocabulary's "it ' s" reads "it's").
     """
     ids = encode_prompt(tokenizer, prompt, block_size=_context_length(hf_model))
     (result,) = hf_generate(
         hf_model, ids, sampling, stop_ids=(tokenizer.eot_index,), generator=generator,
         banned_ids=banned_special_ids(tokenizer, allow_unk=allow_unk), use_cache=use_cache,
     )  # fmt: skip
-    return tokenizer.decode(result.tokens)
+    return tokenizer.decode(result.tokens, tidy=True)
 
 
 def _first_line(err: BaseException) -> str:

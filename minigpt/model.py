@@ -343,7 +343,8 @@ class GPT(nn.Module):
     def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
         """Token embeddings (scaled when `scale_embedding`) plus additive positions, after dropout: (B, T, C)."""
         if self.adaptive_input:
-            x = adaptive_input_embedding(idx, self.adaptive)  # (B, T, C)
+            # In the blocks' dtype: a half-precision export keeps the adaptive head in float32 (see head_logits).
+            x = adaptive_input_embedding(idx, self.adaptive).to(self.transformer.h[0].attn.c_attn.weight.dtype)
         else:
             x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.scale_embedding:

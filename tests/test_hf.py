@@ -6,6 +6,7 @@ as Hugging Face folders under a temporary directory. Nothing touches the network
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -243,6 +244,8 @@ def test_convert_to_hf_loads_in_transformers(converted_ckpt, tmp_path):
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="not empty"):
         convert_to_hf(converted_ckpt, out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"  # native: no code in the folder
+    assert not list(out.glob("*.py"))
 
 
 def test_gpt2_flavour_built_in_minigpt_exports_exactly():
@@ -314,13 +317,16 @@ def test_non_gpt2_flavours_refuse_export(overrides, message):
         minigpt_to_gpt2(GPT(config))
 
 
-def test_seed_checkpoint_refuses_convert_to_hf(tmp_path):
+def test_seed_checkpoint_exports_as_minigpts_architecture(tmp_path):
+    """No GPT-2 equivalent (post-norm, head bias, scaled embeddings): the folder holds minigpt's own architecture."""
     vocab = Vocab.build(TEXTS)
     model = GPT(GPTConfig.seed(vocab_size=len(vocab), block_size=8, n_embd=16, n_head=2, d_ff=32))
-    save_checkpoint(new_checkpoint(model, vocab), tmp_path / "seed.ckpt")
     with pytest.raises(ValueError, match="post-norm.*no bias.*sqrt"):
-        convert_to_hf(tmp_path / "seed.ckpt", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        check_gpt2_exportable(model.config)
+    save_checkpoint(new_checkpoint(model, vocab), tmp_path / "seed.ckpt")
+    out = convert_to_hf(tmp_path / "seed.ckpt", tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "minigpt"
+    assert (out / "modeling_minigpt.py").is_file()
 
 
 # -- generation -------------------------------------------------------------------------------------

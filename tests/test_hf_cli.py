@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import write_corpus
 from test_hf import EOT, _tiny_gpt2, _train_bpe
 
 from minigpt.checkpoint import load_model
@@ -88,3 +89,55 @@ def test_fine_tune_a_converted_gpt2_with_its_bpe(hf_dir, tmp_path, corpus, monke
     moved = [not torch.equal(p, q) for (n, p), q in zip(model.named_parameters(), base.parameters())
              if n != "transformer.wpe.weight"]  # fmt: skip
     assert any(moved)  # it trained
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """A few steps of `minigpt fit` with the tiny config (post-norm, ReLU: no GPT-2 equivalent)."""
+    root = tmp_path_factory.mktemp("run")
+    corpus = write_corpus(root / "corpus.txt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus),
+              "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+              "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", corpus
+
+
+def test_convert_any_architecture_and_compare(trained_ckpt, tmp_path, capsys):
+    ckpt, corpus = trained_ckpt
+    folder = tmp_path / "tiny-hf"
+    main(["convert", "--ckpt_path", str(ckpt), "--to_hf", str(folder)])
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "minigpt"
+    main(["compare", "--ckpt_path", str(ckpt), "--hf_model", str(folder), "--text_file", str(corpus),
+          "--max_docs", "5", "--max_new_tokens", "40", "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    (sample,) = result["samples"]
+    assert sample["minigpt"] == sample["hf"]  # the same model, tokenizer, sampler, seed and tidy decoding
+    assert "'" in sample["hf"] and " '" not in sample["hf"]  # the sample has punctuation, glued as minigpt glues it
+    assert result["minigpt"]["bits_per_character"] == pytest.approx(result["hf"]["bits_per_character"], rel=1e-5)
+    main(["convert", "--from_hf", str(folder), "--out", str(tmp_path / "back.ckpt")])
+    (model, tok), (back, back_tok) = load_model(str(ckpt)), load_model(str(tmp_path / "back.ckpt"))
+    assert back_tok.itos == tok.itos and all(torch.equal(p, q) for p, q in zip(model.parameters(), back.parameters()))
+
+
+def test_convert_bad_input_is_one_line(trained_ckpt, tmp_path, monkeypatch, capsys):
+    ckpt, _ = trained_ckpt
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")  # another Lightning module's
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    cases = [
+        (["--ckpt_path", str(ckpt), "--to_hf", str(tmp_path / "full")], "is not empty"),
+        (["--ckpt_path", str(tmp_path / "other.ckpt"), "--to_hf", str(tmp_path / "a")], "not a minigpt checkpoint"),
+        (["--ckpt_path", str(tmp_path / "plain.pt"), "--to_hf", str(tmp_path / "b")], "not a minigpt checkpoint"),
+        (["--ckpt_path", str(ckpt), "--to_hf", str(tmp_path / "c"), "--dtype", "float16"], "--dtype must be one of"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["convert", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("minigpt: error:") and message in err[0]
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing written before the error
