@@ -129,12 +129,13 @@ def test_default_fit_config_is_the_imdb_recipe(capsys):
     [
         (dict(max_time="00:00:10:00"), False,
          "training for 10 minutes (trainer.max_time); --trainer.max_time 00:01:00:00 trains longer"),
-        (dict(max_time={"hours": 2, "seconds": 5}), True,
-         "training until 2 hours 5 seconds in all (trainer.max_time); --trainer.max_time 00:04:00:10 trains longer"),
+        (dict(max_time={"hours": 2, "seconds": 5}), True, "training for 2 hours 5 seconds (trainer.max_time) in all, "
+         "the checkpoint's included; --trainer.max_time 00:04:00:10 trains longer"),
         (dict(max_time=None, max_epochs=3), False,
          "training for 3 epochs (trainer.max_epochs); --trainer.max_epochs 6 trains longer"),
         (dict(max_steps=20), False, "training for 20 steps (trainer.max_steps); --trainer.max_steps 40 trains longer"),
-        (dict(max_steps=20), True, "training until step 20 (trainer.max_steps); --trainer.max_steps 40 trains longer"),
+        (dict(max_steps=20, max_epochs=1), True, "training for 20 steps (trainer.max_steps) or 1 epoch "
+         "(trainer.max_epochs) in all, the checkpoint's included, whichever comes first; --trainer.max_steps 40"),
         (dict(max_steps=1500, max_epochs=2), False, "training for 1,500 steps (trainer.max_steps) or 2 epochs "
          "(trainer.max_epochs), whichever comes first; --trainer.max_steps 3000 trains longer"),
         (dict(max_epochs=-1), False,
@@ -364,8 +365,8 @@ def test_quiet_start_early_validation_progress_lines_and_one_lr_curve(corpus, ru
         "--trainer.log_every_n_steps", "2")  # fmt: skip
     run = run_here / "lightning_logs" / "version_0"
     scalars = read_scalars(run)
-    # early, then the regular interval (not 6, 9); Lightning logs them at global_step - 1
-    assert [s + 1 for s, _ in scalars["val_loss"]] == [3, 10]
+    # early, then the regular interval (not 6, 9)
+    assert [s for s, _ in scalars["val_loss"]] == [3, 10]
     assert "hp_metric" not in scalars
     lr_tags = [t for t in scalars if t.startswith("lr")]
     assert lr_tags == ["lr"]  # AdamW's two groups share one rate: one curve

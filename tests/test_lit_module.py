@@ -410,3 +410,15 @@ def test_tokens_per_second_counts_whole_steps_after_validation_and_after_a_resum
     # that opened at the end of a pause and closed inside a step would give 32 / 1 s (3x) at step 6.
     assert [step for step, _ in before] == [3] and [step for step, _ in after] == [9, 12, 15, 18]
     assert [rate for _, rate in before + after] == pytest.approx([32 / 3] * 5)
+
+
+def test_the_model_summary_counts_the_flops_of_one_sequence():
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    lit = LitMiniGPT(GPTConfig.tiny(vocab_size=40, block_size=8))
+    summary = ModelSummary(lit, max_depth=1)
+    if not hasattr(summary, "total_flops"):
+        pytest.skip("this Lightning's model summary counts no FLOPs")
+    # At least the token-by-parameter multiply-adds of the matrices one 8-token sequence goes through.
+    matrices = sum(p.numel() for name, p in lit.model.named_parameters() if p.dim() == 2 and "wpe" not in name)
+    assert summary.total_flops >= 2 * 8 * (matrices - lit.model.transformer.wte.weight.numel())

@@ -229,31 +229,40 @@ class RunConfig(SaveConfigCallback):
 
 
 def budget_line(trainer: Trainer, resumed: bool = False) -> str:
-    """How long a fit will train, and how to change it: one line printed when training starts."""
+    """How long a fit will train, and how to change it: one line printed when training starts.
+
+    A resumed run's limits count what its checkpoint had trained (Lightning restores the steps, epochs
+    and the time spent).
+    """
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     seconds = timer.time_remaining("train") if timer is not None else None  # the whole budget: nothing ran yet
     limits = []
     if seconds is not None:
-        limits.append((f"{_duration(seconds)}{' in all' if resumed else ''} (trainer.max_time)",
-                       f"--trainer.max_time {_dd_hh_mm_ss(max(2 * seconds, 3600))}"))  # fmt: skip
+        hint = f"--trainer.max_time {_dd_hh_mm_ss(max(2 * seconds, 3600))}"
+        limits.append((f"{_duration(seconds)} (trainer.max_time)", hint))
     if trainer.max_steps > 0:
-        what = f"step {trainer.max_steps:,}" if resumed else f"{trainer.max_steps:,} steps"
-        limits.append((f"{what} (trainer.max_steps)", f"--trainer.max_steps {2 * trainer.max_steps}"))
+        hint = f"--trainer.max_steps {2 * trainer.max_steps}"
+        limits.append((f"{_count(trainer.max_steps, 'step')} (trainer.max_steps)", hint))
     if trainer.max_epochs is not None and trainer.max_epochs > 0:
-        what = f"epoch {trainer.max_epochs:,}" if resumed else f"{trainer.max_epochs:,} epochs"
-        limits.append((f"{what} (trainer.max_epochs)", f"--trainer.max_epochs {2 * trainer.max_epochs}"))
+        hint = f"--trainer.max_epochs {2 * trainer.max_epochs}"
+        limits.append((f"{_count(trainer.max_epochs, 'epoch')} (trainer.max_epochs)", hint))
     if not limits:
         return "training until stopped (no trainer.max_time, max_steps or max_epochs); Ctrl-C saves and stops"
-    words = " or ".join(limit for limit, _ in limits) + (", whichever comes first" if len(limits) > 1 else "")
-    return f"training {'until' if resumed else 'for'} {words}; {limits[0][1]} trains longer"
+    words = " or ".join(limit for limit, _ in limits)
+    words += " in all, the checkpoint's included" if resumed else ""
+    words += ", whichever comes first" if len(limits) > 1 else ""
+    return f"training for {words}; {limits[0][1]} trains longer"
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n:,} {unit}{'s' if n != 1 else ''}"
 
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     parts = [(seconds // 86400, "day"), (seconds // 3600 % 24, "hour"), (seconds // 60 % 60, "minute"),
              (seconds % 60, "second")]  # fmt: skip
-    words = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n]
-    return " ".join(words) or "0 seconds"
+    return " ".join(_count(n, unit) for n, unit in parts if n) or "0 seconds"
 
 
 def _dd_hh_mm_ss(seconds: float) -> str:
