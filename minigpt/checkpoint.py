@@ -196,8 +196,12 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "the checkpoint") -> tu
 def state_dict_mismatch(err: RuntimeError) -> str:
     """The first problem `load_state_dict` reports, as one sentence.
 
-    PyTorch's message starts with a line that only names the module ("Error(s) in loading state_dict
-    for GPT:") and lists each problem on a line of its own.
+    Args:
+        err: the error of ``Module.load_state_dict``. Its message starts with a line that only names the
+            module ("Error(s) in loading state_dict for GPT:") and lists each problem on a line of its own.
+
+    Returns:
+        e.g. 'Missing key(s) in state_dict: "lm_head.bias"'.
     """
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):

@@ -73,8 +73,16 @@ def _first_sentence(message: str) -> str:
 
 
 def did_you_mean(message: str, options: Iterable[str]) -> str:
-    """An argument parser's 'unrecognized arguments: ...' message with the closest known option for each
-    unknown one (``--trainer.max_step`` -> ``--trainer.max_steps``); other messages unchanged."""
+    """Name the closest known option for each unknown one in an argument parser's error.
+
+    Args:
+        message: the parser's error, e.g. "unrecognized arguments: --trainer.max_step 5".
+        options: the options the parser knows (``--trainer.max_steps``, ...).
+
+    Returns:
+        ``message`` with "(did you mean --trainer.max_steps?)" added, or unchanged when it is not about
+        unknown options or none is close.
+    """
     if "unrecognized arguments" not in message.lower():
         return message
     known = sorted(set(options))
@@ -94,7 +102,15 @@ def _closest(word: str, known: list[str]) -> str | None:
 
 
 def parser_options(parser) -> list[str]:
-    """The ``--name`` options a jsonargparse parser accepts (its keys; nested ones dotted)."""
+    """The options a jsonargparse parser accepts.
+
+    Args:
+        parser: a jsonargparse ``ArgumentParser`` (or Lightning's subclass).
+
+    Returns:
+        ``--name`` for each of its keys (nested ones dotted), with --help, --config and --print_config;
+        empty when the parser cannot build its defaults.
+    """
     try:
         keys = list(parser.get_defaults().keys())
     except Exception:  # a parser that cannot build its defaults just gets no suggestion
@@ -103,7 +119,18 @@ def parser_options(parser) -> list[str]:
 
 
 def load_yaml_file(path: str, option: str = "--config") -> Any:
-    """Read a YAML config file; a missing, binary or malformed one is a `UserError` naming file, line and column."""
+    """Read a YAML config file.
+
+    Args:
+        path: the file.
+        option: the option that named it, for the error message.
+
+    Returns:
+        The parsed YAML.
+
+    Raises:
+        UserError: the file is missing, a folder, not text, or not valid YAML (naming line and column).
+    """
     import yaml
 
     file = Path(path).expanduser()
@@ -116,10 +143,10 @@ def load_yaml_file(path: str, option: str = "--config") -> Any:
     except UnicodeDecodeError as err:
         raise UserError(f"{option} {path} is not a text file; pass a YAML config such as configs/tiny.yaml") from err
     except yaml.YAMLError as err:
-        raise UserError(f"{option} {path} {yaml_problem(err)}; fix the YAML syntax there") from err
+        raise UserError(f"{option} {path} {_yaml_problem(err)}; fix the YAML syntax there") from err
 
 
-def yaml_problem(err: Exception) -> str:
+def _yaml_problem(err: Exception) -> str:
     """Where and what a YAML syntax error is, as words: 'has a YAML error at line 3, column 6: ...'."""
     mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
     if mark is None or not problem:

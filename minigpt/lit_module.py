@@ -32,21 +32,36 @@ _SHARDING = (FSDPStrategy, ModelParallelStrategy)
 
 
 def is_logging_step(trainer: pl.Trainer, batch_idx: int) -> bool:
-    """Whether the training batch now running ends a logging step: every ``trainer.log_every_n_steps``-th
-    optimizer step (``global_step`` counts the steps done before it), on the batch that completes the step's
-    gradient accumulation. Values measured on it are logged at ``global_step + 1``, the step they belong to."""
+    """Whether the training batch now running ends a logging step.
+
+    Logging steps are every ``trainer.log_every_n_steps``-th optimizer step (``global_step`` counts the
+    steps done before this batch), on the batch that completes the step's gradient accumulation. Values
+    measured on it are logged at ``global_step + 1``, the step they belong to.
+
+    Args:
+        trainer: the running trainer.
+        batch_idx: the batch's index in its epoch (as the training hooks get it).
+
+    Returns:
+        True on a logging step.
+    """
     every = trainer.log_every_n_steps
     completes_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
     return every > 0 and completes_step and (trainer.global_step + 1) % every == 0
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write values to the run's loggers (TensorBoard) at ``step``, the number of optimizer steps done.
+    """Write values to the run's loggers (TensorBoard) at the step they were measured after.
 
     `LightningModule.log` gives the logger the count of batches stepped so far, one less than the step
     a value was measured after: validation after step N would land at N - 1 while the console and the
     samples say N. Values logged this way and those ``self.log`` keeps for callbacks (``logger=False``)
     are the same numbers.
+
+    Args:
+        trainer: the running trainer (its loggers; rank-zero-only loggers ignore other processes).
+        metrics: name -> value.
+        step: the number of optimizer steps done.
     """
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)

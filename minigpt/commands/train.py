@@ -231,8 +231,12 @@ class RunConfig(SaveConfigCallback):
 def budget_line(trainer: Trainer, resumed: bool = False) -> str:
     """How long a fit will train, and how to change it: one line printed when training starts.
 
-    A resumed run's limits count what its checkpoint had trained (Lightning restores the steps, epochs
-    and the time spent).
+    Args:
+        trainer: the fit's trainer, before it runs.
+        resumed: the fit resumes a checkpoint, whose steps, epochs and time Lightning counts in its limits.
+
+    Returns:
+        e.g. "training for 10 minutes (trainer.max_time); --trainer.max_time 00:01:00:00 trains longer".
     """
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     seconds = timer.time_remaining("train") if timer is not None else None  # the whole budget: nothing ran yet
@@ -311,7 +315,15 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
 
 
 def config_files(argv: list[str]) -> list[str]:
-    """The values of ``--config``/``-c`` in ``argv`` that name files (the parser also takes inline YAML)."""
+    """The config files a command line names.
+
+    Args:
+        argv: the options after the command.
+
+    Returns:
+        The values of ``--config``/``-c`` that are existing paths or end in .yaml, .yml or .json (the
+        parser also takes inline YAML, which is left to it).
+    """
     values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     return [v for v in values if Path(v).expanduser().exists() or v.endswith((".yaml", ".yml", ".json"))]
