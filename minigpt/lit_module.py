@@ -134,6 +134,7 @@ class LitMiniGPT(pl.LightningModule):
         self._sums: dict[str, list[Tensor]] = {}
         self._tokens: Tensor | None = None  # tokens trained on in the throughput window (on the device)
         self._window_started: float | None = None  # None: the next training step opens the window
+        self._logged_step = 0  # the last step whose training loss went to the loggers
         self._bad: tuple[Tensor, Tensor, Tensor] | None = None  # first non-finite (step, kind, value)
         self._rng_to_restore: dict | None = None
         if init_from:
@@ -256,7 +257,8 @@ class LitMiniGPT(pl.LightningModule):
             seconds = max(now - self._window_started, 1e-9)
             metrics["train_tok_s"] = float(self._tokens) * self.trainer.world_size / seconds
         self._tokens, self._window_started = None, now
-        log_to_loggers(self.trainer, metrics, step=self.global_step + 1)
+        self._logged_step = self.global_step + 1
+        log_to_loggers(self.trainer, metrics, step=self._logged_step)
 
     def _restart_throughput_window(self) -> None:
         # Time spent outside training steps (validation, a new epoch's loader) is not throughput.
@@ -275,6 +277,11 @@ class LitMiniGPT(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._stop_if_non_finite()
+        # A run that stops between logging steps (max_time, Ctrl-C) ends its curve at its last step.
+        loss = self.trainer.callback_metrics.get("train_loss")
+        if loss is not None and self.global_step > self._logged_step:
+            metrics = {"train_loss": float(loss), "epoch": float(self.current_epoch)}
+            log_to_loggers(self.trainer, metrics, step=self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":

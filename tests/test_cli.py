@@ -384,6 +384,9 @@ def test_last_progress_line_names_the_epoch_of_the_last_step(corpus, run_here, c
     fit(corpus, "--trainer.max_steps", "7", "--trainer.log_every_n_steps", "50")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(lines) == 1 and lines[0].startswith("step 7/7  epoch 0  ")
+    # and TensorBoard's training curve ends at that step, with the loss the line shows
+    (logged,) = read_scalars(run_here / "lightning_logs" / "version_0")["train_loss"]
+    assert logged[0] == 7 and f"train_loss {logged[1]:.4f} " in lines[0]
 
 
 def test_progress_log_every_n_steps_or_30_s_whichever_is_later():
