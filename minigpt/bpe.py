@@ -189,7 +189,7 @@ class BpeTokenizer:
         try:
             tokenizer = Tokenizer.from_str(d["tokenizer_json"])
         except Exception as err:  # the Rust parser raises plain Exception subclasses
-            raise ValueError(f"the stored bpe tokenizer is corrupt: {str(err).splitlines()[0][:120]}") from err
+            raise ValueError(f"the stored bpe tokenizer is corrupt: {str(err).splitlines()[0]}") from err
         return cls(tokenizer, eot_token=d.get("eot_token") or EOT_TOKEN, pad_token=d.get("pad_token"))
 
     def to_transformers(self, model_max_length: int | None = None):

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from minigpt.checkpointing import RunCheckpoint, last_checkpoint_path
 from minigpt.generation import SamplingConfig, generate_text
+from minigpt.lit_module import is_logging_step, log_to_loggers
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,14 @@ class GenerationCallback(Callback):
 
 
 class GracefulStop(Callback):
-    """Never end a run without a resumable ``last.ckpt``.
+    """The first Ctrl-C (SIGINT) finishes the current step, saves ``last.ckpt`` and stops cleanly.
 
-    * First Ctrl-C (SIGINT): finish the current step, save ``last.ckpt``, stop cleanly; a second
-      Ctrl-C interrupts at once, as usual.
-    * A run that ends by ``max_steps``/``max_time`` between two validations (when
-      ``ModelCheckpoint`` would not save) still saves its final state.
-
-    Both saves go through the run's checkpoint callback, so they replace ``last.ckpt`` (never a
-    ``last-v1.ckpt``) and the callback's state in the file names that same ``last.ckpt``.
-    The checkpoint resumes with ``--ckpt_path last``.
+    The file is saved at once, so a second Ctrl-C (which interrupts at once, as usual) during the
+    validation Lightning runs before it stops loses nothing; that validation may write it again
+    (with the best files' ranking), and the line saying where it is comes once it is final. The save
+    goes through the run's `RunCheckpoint` (which also saves the final state of a run that ends
+    between two of its saves), so it replaces ``last.ckpt``, never a ``last-v1.ckpt``. The checkpoint
+    resumes with ``--ckpt_path last``.
     """
 
     def __init__(self) -> None:
@@ -111,25 +110,20 @@ class GracefulStop(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.requested and not trainer.should_stop:
-            path = self.save_last(trainer)
-            log.warning("saved %s; resume with: minigpt fit ... --ckpt_path last", path)
+            self.save_last(trainer)
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ckpt = _run_checkpoint(trainer)
-        saved_steps = (ckpt._last_global_step_saved if ckpt is not None else None, self.saved_step)
-        if trainer.global_step > 0 and trainer.global_step not in saved_steps:
-            self.save_last(trainer)
+        if self.requested and self.saved is not None and trainer.is_global_zero:
+            log.info("saved %s (step %d); resume with: minigpt fit ... --ckpt_path last", self.saved, self.saved_step)
 
     def save_last(self, trainer: pl.Trainer) -> Path:
         self.saved_step = trainer.global_step
         ckpt = _run_checkpoint(trainer)
-        if ckpt is not None and ckpt.save_last:
+        if ckpt is not None:
             self.saved = Path(ckpt.save_last_now(trainer))
         else:
             self.saved = last_checkpoint_path(trainer)
@@ -159,7 +153,7 @@ class EarlyValidation(Callback):
         self._regular: int | float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        regular = trainer.val_check_batch
+        regular = _validation_interval(trainer)
         if (
             self.step is None
             or trainer.check_val_every_n_epoch is not None
@@ -168,12 +162,28 @@ class EarlyValidation(Callback):
             or trainer.global_step >= self.step
         ):
             return
-        # Lightning validates when (batch count) % val_check_batch == 0: `step` first, then the regular multiples.
-        self._regular, trainer.val_check_batch = regular, self.step
+        # `step` first, then the regular multiples.
+        self._regular = _validation_interval(trainer, self.step)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._regular is not None and not trainer.sanity_checking:
-            trainer.val_check_batch, self._regular = self._regular, None
+            _validation_interval(trainer, self._regular)
+            self._regular = None
+
+
+def _validation_interval(trainer: pl.Trainer, batches: int | float | None = None) -> int | float:
+    """The number of training batches between validations (with ``batches``: set it, and return the old one).
+
+    The one place minigpt uses a Lightning attribute that is not public API: no public API moves the
+    next validation of a running fit. Lightning's fit loop sets ``trainer.val_check_batch`` from
+    ``val_check_interval`` when it sets up the data, and its epoch loop validates when the count of
+    training batches (across epochs, with ``check_val_every_n_epoch: null``) is a multiple of it.
+    Checked with Lightning 2.4.0 and 2.6.6 (``_FitLoop.setup_data``, ``_TrainingEpochLoop._should_check_val_fx``).
+    """
+    current = trainer.val_check_batch
+    if batches is not None:
+        trainer.val_check_batch = batches
+    return current
 
 
 class ProgressLog(Callback):
@@ -252,14 +262,14 @@ def _clock(seconds: float) -> str:
 
 
 class LearningRateLog(Callback):
-    """Log the learning rate at logging steps: one ``lr`` curve per distinct rate.
+    """Log the learning rate at logging steps (with the loss): one ``lr`` curve per distinct rate.
 
     Lightning's ``LearningRateMonitor`` logs every parameter group, and AdamW's two groups (with and
     without weight decay) share one rate: two identical curves.
     """
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx) -> None:
-        if not trainer.loggers or (trainer.global_step % max(1, trainer.log_every_n_steps)):
+        if not trainer.loggers or not is_logging_step(trainer, batch_idx):
             return
         stats = {}
         for i, optimizer in enumerate(trainer.optimizers):
@@ -269,8 +279,7 @@ class LearningRateLog(Callback):
                 stats[name] = rates[0]
             else:
                 stats.update({f"{name}-pg{j}": rate for j, rate in enumerate(rates)})
-        for logger in trainer.loggers:
-            logger.log_metrics(stats, step=trainer.global_step)
+        log_to_loggers(trainer, stats, step=trainer.global_step + 1)  # the rate of the step this batch makes
 
 
 class ProgressBar(TQDMProgressBar):

@@ -25,8 +25,12 @@ import errno
 import importlib.metadata
 import io
 import os
+import pickle
+import re
 import secrets
 import shutil
+import warnings
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,19 +57,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a minigpt checkpoint without executing code (`weights_only=True`), or say why not.
 
     Raises:
-        UserError: the file is missing, empty, corrupt, not a minigpt checkpoint, or of a newer format.
+        UserError: the file is missing, empty, not a PyTorch file, truncated or corrupt, a PyTorch
+            file that is not a minigpt checkpoint, or of a newer format.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    if p.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as err:  # zip/pickle errors of many kinds all mean "unreadable"
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0][:120]})") from err
+    ckpt = _torch_load(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise UserError(f"{path} is not a minigpt checkpoint (no state_dict/hyper_parameters)")
+        raise UserError(
+            f"{path} is a PyTorch file but not a minigpt checkpoint (it has no state_dict and hyper_parameters); "
+            f"{_PASS_A_CHECKPOINT}"
+        )
     version = section(ckpt).get("format", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(
@@ -73,6 +73,59 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "upgrade minigpt to load it"
         )
     return ckpt
+
+
+_PASS_A_CHECKPOINT = "pass a .ckpt file written by minigpt fit"
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip: torch.save's format
+_PICKLE_MAGIC = b"\x80"  # pickle protocol 2 and later: torch.save's format before PyTorch 1.6
+
+
+def _torch_load(path: str | Path, what: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of a file, or a `UserError` that says in one sentence what the file is.
+
+    A file torch cannot read is told apart by its first bytes (torch writes a zip archive, or a pickle
+    before PyTorch 1.6) rather than by torch's message, which is several paragraphs long.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a folder; {_PASS_A_CHECKPOINT} (e.g. checkpoints/last.ckpt)")
+    if not p.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    if p.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes)")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    is_zip = head.startswith(_ZIP_MAGIC)
+    if not is_zip and not head.startswith(_PICKLE_MAGIC):
+        raise UserError(f"{path} is not a PyTorch checkpoint (it is not a zip or pickle file); {_PASS_A_CHECKPOINT}")
+    if is_zip and not zipfile.is_zipfile(p):
+        raise UserError(
+            f"{what} {path} is truncated (its zip archive has no end: the file was cut off while it was written "
+            "or copied); use another checkpoint of the run, e.g. its last.ckpt"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:
+        raise UserError(_unreadable(path, what, is_zip, err)) from err
+
+
+def _unreadable(path: str | Path, what: str, is_zip: bool, err: Exception) -> str:
+    """Why torch could not load a zip or pickle file, in one sentence."""
+    if isinstance(err, pickle.UnpicklingError) and re.search(r"Unsupported (global|class)", str(err)):
+        # The weights-only unpickler refused to build a Python object (it never runs a file's code).
+        return (
+            f"{path} holds Python objects besides tensors and plain values, so it is not a minigpt {what} "
+            f"(minigpt loads only those, without running code from the file); {_PASS_A_CHECKPOINT}"
+        )
+    if not is_zip:
+        return f"{path} is a pickle file that PyTorch cannot load as a checkpoint; {_PASS_A_CHECKPOINT}"
+    return (
+        f"{what} {path} is corrupt: it is a zip archive, but PyTorch cannot read it as a checkpoint "
+        f"({type(err).__name__}); use another checkpoint of the run, e.g. its last.ckpt"
+    )
 
 
 def section(ckpt: dict) -> dict:
@@ -115,10 +168,7 @@ def load_tokenizer(spec: str | Path):
         raise UserError(
             f"tokenizer {spec} does not exist; pass a Hugging Face tokenizer folder or a minigpt checkpoint"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # zip/pickle errors of many kinds all mean "unreadable"
-        raise UserError(f"tokenizer {spec}: not a Hugging Face tokenizer folder or readable checkpoint") from err
+    ckpt = _torch_load(path, "tokenizer", mmap=True)
     tok = section(ckpt).get("tokenizer") if isinstance(ckpt, dict) else None
     if not tok:
         raise UserError(f"tokenizer {spec}: the checkpoint holds no minigpt tokenizer")
@@ -138,9 +188,25 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "the checkpoint") -> tu
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"{path} does not match its own model config: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{path} does not match its own model config ({state_dict_mismatch(err)})") from err
     device = next(iter(state.values())).device if state else torch.device("cpu")
     return model.to(device).eval(), tokenizer
+
+
+def state_dict_mismatch(err: RuntimeError) -> str:
+    """The first problem `load_state_dict` reports, as one sentence.
+
+    Args:
+        err: the error of ``Module.load_state_dict``. Its message starts with a line that only names the
+            module ("Error(s) in loading state_dict for GPT:") and lists each problem on a line of its own.
+
+    Returns:
+        e.g. 'Missing key(s) in state_dict: "lm_head.bias"'.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1].rstrip(". ")
+    return lines[0].rstrip(". ") if lines else type(err).__name__
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, Any]:

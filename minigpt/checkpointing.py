@@ -4,8 +4,9 @@
   `use_atomic_writes(trainer)` installs it after the Trainer is built, so the run's saved config
   never holds an object it cannot write back (a config re-runs as it is).
 * `RunCheckpoint`: Lightning's `ModelCheckpoint` that keeps rotating the same files after a resume,
-  even if the run folder was reached by another path, and does not warn that its own folder is
-  not empty when a run resumes into it.
+  even if the run folder was reached by another path, does not warn that its own folder is not
+  empty when a run resumes into it, can save `last.ckpt` on demand (Ctrl-C) and saves it when a run
+  ends between two of its saves.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -31,8 +34,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def use_atomic_writes(trainer: pl.Trainer) -> None:
     """Write the trainer's checkpoints with `AtomicCheckpointIO`, unless a CheckpointIO was configured."""
-    current = trainer.strategy._checkpoint_io
-    if current is None or type(current) is TorchCheckpointIO:
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one configured
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
@@ -46,6 +48,7 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.saved_step: int | None = None  # global_step of the newest checkpoint written in this fit
         with warnings.catch_warnings():
             if self.dirpath is None:
                 # The folder is the run's own version_N/checkpoints: a new run's is empty, so one with
@@ -73,14 +76,40 @@ class RunCheckpoint(ModelCheckpoint):
             state["best_model_score"] = None
         super().load_state_dict(state)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Called for every checkpoint the trainer writes, on every process. ModelCheckpoint writes
+        # last.ckpt along with each of its best files, so a save at a step means last.ckpt holds it.
+        self.saved_step = trainer.global_step
+        # What was logged up to this step goes to disk with it: a run killed later and resumed from this
+        # checkpoint keeps its curves up to here and drops only what came after (see run_logger).
+        for logger in trainer.loggers:
+            flush = getattr(getattr(logger, "experiment", None), "flush", None)
+            if callable(flush):
+                flush()
+
     def save_last_now(self, trainer: pl.Trainer) -> str:
-        """Save `last.ckpt` now, as the periodic save does (same name, replaced in place); return its path."""
-        previous = self._last_global_step_saved
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        # Lightning validates once more when a run is asked to stop; that validation must still rank
-        # this step among the best files (ModelCheckpoint skips a step it has already saved).
-        self._last_global_step_saved = previous
+        """Save `last.ckpt` now, under the name the periodic save uses (replaced in place); return its path.
+
+        ModelCheckpoint's own bookkeeping is left alone, so the validation Lightning runs when a run is
+        asked to stop still ranks this step among the best files (and then writes `last.ckpt` again).
+        """
+        metrics = {**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch),
+                   "step": torch.tensor(trainer.global_step)}  # fmt: skip
+        # Named before saving, so the file's own copy of this callback's state names it.
+        self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
         return self.last_model_path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run that ends between two saves (by max_steps, max_time) still saves its final state.
+
+        Replaces ModelCheckpoint's, which saves `last.ckpt` only when it saved nothing in this fit.
+        """
+        if trainer.global_step > 0 and self.saved_step != trainer.global_step and not trainer.fast_dev_run:
+            self.save_last_now(trainer)
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> Path:

@@ -12,12 +12,15 @@ Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from minigpt.errors import UserError
@@ -59,12 +62,103 @@ def _fail(message: str) -> None:
 
 
 def _first_sentence(message: str) -> str:
-    """The first line of an error, with the line after it when the first only names the key (jsonargparse
-    writes 'Parser key "model.optimizer":' and says what was wrong on the next line)."""
+    """The first line of an error, with the lines after it while it ends in a colon (jsonargparse writes
+    'Parser key "model.optimizer":' and says what was wrong on the next line). Never cut inside a line."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return ""
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    sentence = lines.pop(0)
+    while sentence.endswith(":") and lines:
+        sentence = f"{sentence} {lines.pop(0)}"
+    return sentence
+
+
+def did_you_mean(message: str, options: Iterable[str]) -> str:
+    """Name the closest known option for each unknown one in an argument parser's error.
+
+    Args:
+        message: the parser's error, e.g. "unrecognized arguments: --trainer.max_step 5".
+        options: the options the parser knows (``--trainer.max_steps``, ...).
+
+    Returns:
+        ``message`` with "(did you mean --trainer.max_steps?)" added, or unchanged when it is not about
+        unknown options or none is close.
+    """
+    if "unrecognized arguments" not in message.lower():
+        return message
+    known = sorted(set(options))
+    unknown = [word.split("=")[0] for word in message.split(":", 1)[-1].split() if word.startswith("--")]
+    pairs = [(word, _closest(word, known)) for word in unknown]
+    hints = [f"{match} for {word}" if len(unknown) > 1 else match for word, match in pairs if match]
+    return f"{message.rstrip('.')} (did you mean {', '.join(hints)}?)" if hints else message
+
+
+def _closest(word: str, known: list[str]) -> str | None:
+    # A cut-short option (--temp) means the shortest one it starts; otherwise the most similar spelling.
+    started = [option for option in known if option.startswith(word)]
+    if started:
+        return min(started, key=len)
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def parser_options(parser) -> list[str]:
+    """The options a jsonargparse parser accepts.
+
+    Args:
+        parser: a jsonargparse ``ArgumentParser`` (or Lightning's subclass).
+
+    Returns:
+        ``--name`` for each of its keys (nested ones dotted), with --help, --config and --print_config;
+        empty when the parser cannot build its defaults.
+    """
+    try:
+        keys = list(parser.get_defaults().keys())
+    except Exception:  # a parser that cannot build its defaults just gets no suggestion
+        return []
+    return [f"--{key}" for key in keys] + ["--help", "--config", "--print_config"]
+
+
+def load_yaml_file(path: str, option: str = "--config") -> Any:
+    """Read a YAML config file.
+
+    Args:
+        path: the file.
+        option: the option that named it, for the error message.
+
+    Returns:
+        The parsed YAML.
+
+    Raises:
+        UserError: the file is missing, a folder, not text, or not valid YAML (naming line and column).
+    """
+    import yaml
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a YAML config file such as configs/tiny.yaml")
+    if not file.is_file():
+        raise UserError(f"{option} {path} does not exist")
+    try:
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{option} {path} is not a text file; pass a YAML config such as configs/tiny.yaml") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{option} {path} {_yaml_problem(err)}; fix the YAML syntax there") from err
+
+
+def _yaml_problem(err: Exception) -> str:
+    """Where and what a YAML syntax error is, as words: 'has a YAML error at line 3, column 6: ...'."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return f"is not valid YAML ({_first_sentence(str(err)) or type(err).__name__})"
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None and (context_mark.line, context_mark.column) != (mark.line, mark.column):
+        context = f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    else:
+        context = f" ({context})" if context else ""
+    return f"has a YAML syntax error at {where}: {problem}{context}"
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -118,6 +212,8 @@ def run_command(name: str, argv: list[str]) -> None:
     A command module may define ``add_arguments(parser, argv) -> set[str]`` for options that are
     not plain parameters (e.g. a class's arguments); the names it returns are left out of the signature.
     """
+    from argparse import ArgumentError
+
     from jsonargparse import ArgumentParser
 
     module = importlib.import_module(f"minigpt.commands.{name}")
@@ -128,7 +224,10 @@ def run_command(name: str, argv: list[str]) -> None:
     skip = module.add_arguments(parser, argv) if hasattr(module, "add_arguments") else set()
     skip |= _add_flags(parser, function)
     parser.add_function_arguments(function, skip=skip, as_group=False)
-    cfg = parser.parse_args(argv)
+    try:
+        cfg = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ArgumentError(None, did_you_mean(str(err), parser_options(parser))) from err
     function(**cfg.as_dict())
 
 

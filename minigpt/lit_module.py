@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 
-from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint, section
+from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint, section, state_dict_mismatch
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.model import GPT, LossKernel
@@ -26,6 +26,46 @@ from minigpt.optim import MuonWithAdamW, hidden_matrices
 from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
+
+_SHARDING = (FSDPStrategy, ModelParallelStrategy)
+"""Strategies that split weight matrices across processes."""
+
+
+def is_logging_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the training batch now running ends a logging step.
+
+    Logging steps are every ``trainer.log_every_n_steps``-th optimizer step (``global_step`` counts the
+    steps done before this batch), on the batch that completes the step's gradient accumulation. Values
+    measured on it are logged at ``global_step + 1``, the step they belong to.
+
+    Args:
+        trainer: the running trainer.
+        batch_idx: the batch's index in its epoch (as the training hooks get it).
+
+    Returns:
+        True on a logging step.
+    """
+    every = trainer.log_every_n_steps
+    completes_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    return every > 0 and completes_step and (trainer.global_step + 1) % every == 0
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write values to the run's loggers (TensorBoard) at the step they were measured after.
+
+    `LightningModule.log` gives the logger the count of batches stepped so far, one less than the step
+    a value was measured after: validation after step N would land at N - 1 while the console and the
+    samples say N. Values logged this way and those ``self.log`` keeps for callbacks (``logger=False``)
+    are the same numbers.
+
+    Args:
+        trainer: the running trainer (its loggers; rank-zero-only loggers ignore other processes).
+        metrics: name -> value.
+        step: the number of optimizer steps done.
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
 
 
 class LitMiniGPT(pl.LightningModule):
@@ -88,10 +128,13 @@ class LitMiniGPT(pl.LightningModule):
         self.hparams["config"] = asdict(config)
         self.config = config
         self.model = GPT(config, loss_kernel=loss_kernel)
+        # One sequence: Lightning's model summary runs it to count FLOPs (and shows in/out sizes).
+        self.example_input_array = torch.zeros((1, config.block_size), dtype=torch.long)
         self.tokenizer: Vocab | None = None
         self._sums: dict[str, list[Tensor]] = {}
-        self._tokens: Tensor | None = None  # tokens trained on since the last logging step (on the device)
-        self._window_started: float | None = None
+        self._tokens: Tensor | None = None  # tokens trained on in the throughput window (on the device)
+        self._window_started: float | None = None  # None: the next training step opens the window
+        self._logged_step = 0  # the last step whose training loss went to the loggers
         self._bad: tuple[Tensor, Tensor, Tensor] | None = None  # first non-finite (step, kind, value)
         self._rng_to_restore: dict | None = None
         if init_from:
@@ -101,7 +144,7 @@ class LitMiniGPT(pl.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _shared_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> Tensor:
         x, y = batch
         # Batches are right-padded and attention is causal, so padding can only follow the real
         # tokens and never changes them: no key-padding mask is needed (the model test proves it),
@@ -109,25 +152,26 @@ class LitMiniGPT(pl.LightningModule):
         nll_sum, count = self.model.loss_sum_and_count(x, y, ignore_index=IGNORE_INDEX)
         loss = nll_sum / count.clamp(min=1)
         if stage == "train":
-            self.log("train_loss", loss, prog_bar=True, batch_size=x.size(0))
+            # For the progress bar and callbacks; the logger gets it from _log_train_step.
+            self.log("train_loss", loss, prog_bar=True, batch_size=x.size(0), logger=False)
             self._note_non_finite(loss, 0)
-            self._tokens = count if self._tokens is None else self._tokens + count
-            if self.trainer._logger_connector.should_update_logs:  # values are read on logging steps only
+            self._count_tokens(count)
+            if is_logging_step(self.trainer, batch_idx):  # values are read on logging steps only
                 self._stop_if_non_finite()
-                self._log_throughput()
+                self._log_train_step(loss)
         else:
             sums = self._sums.setdefault(stage, [torch.zeros((), device=x.device, dtype=torch.float64)] * 2)
             self._sums[stage] = [sums[0] + nll_sum.detach().double(), sums[1] + count]
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, batch_idx, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+        return self._shared_step(batch, batch_idx, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+        return self._shared_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
         loss = self._epoch_loss("val")
@@ -152,11 +196,14 @@ class LitMiniGPT(pl.LightningModule):
             return None
         total = self.trainer.strategy.reduce(torch.stack([sums[0], sums[1].double()]), reduce_op="sum")
         loss = float(total[0] / total[1].clamp(min=1))
+        metrics = {f"{stage}_loss": loss, f"{stage}_ppl": math.exp(min(loss, 700)), f"{stage}_tokens": float(total[1])}
+        fitting = self.trainer.state.fn == "fit"
         # Already summed over processes above; sync_dist only averages identical values (and keeps
-        # Lightning from warning that epoch-level metrics are not synced).
-        self.log(f"{stage}_loss", loss, sync_dist=True)
-        self.log(f"{stage}_ppl", math.exp(min(loss, 700)), sync_dist=True)
-        self.log(f"{stage}_tokens", float(total[1]), sync_dist=True)
+        # Lightning from warning that epoch-level metrics are not synced). While fitting, the logger gets
+        # them at the step they were measured after.
+        self.log_dict(metrics, sync_dist=True, logger=not fitting)
+        if fitting and not self.trainer.sanity_checking:
+            log_to_loggers(self.trainer, metrics, step=self.global_step)
         return loss
 
     # -- no host synchronisation per training step -------------------------------------------------
@@ -190,17 +237,32 @@ class LitMiniGPT(pl.LightningModule):
             "(try a lower --model.lr or --trainer.gradient_clip_val)"
         )
 
-    def _log_throughput(self) -> None:
-        """Log `train_tok_s`: tokens per second (all processes) since the previous logging step."""
+    # `train_tok_s` is measured between two training steps at the same point of each step (after the
+    # forward pass), so a window holds whole steps: after a pause (start, resume, validation, new epoch)
+    # the first step only opens the next window. A window opened at the end of a pause and closed inside
+    # a step would count that step's tokens over part of its time (forward only: about 3x the rate).
+
+    def _count_tokens(self, count: Tensor) -> None:
+        if self._window_started is None:
+            self._window_started = time.perf_counter()
+        else:
+            self._tokens = count if self._tokens is None else self._tokens + count
+
+    def _log_train_step(self, loss: Tensor) -> None:
+        """Log train_loss, the epoch and `train_tok_s` (tokens per second of all processes since the
+        previous logging step) at this step (a host read: logging steps synchronise anyway)."""
         now = time.perf_counter()
+        metrics = {"train_loss": float(loss.detach()), "epoch": float(self.current_epoch)}
         if self._window_started is not None and self._tokens is not None:
-            rate = self._tokens.double() * self.trainer.world_size / max(now - self._window_started, 1e-9)
-            self.log("train_tok_s", rate.float())
+            seconds = max(now - self._window_started, 1e-9)
+            metrics["train_tok_s"] = float(self._tokens) * self.trainer.world_size / seconds
         self._tokens, self._window_started = None, now
+        self._logged_step = self.global_step + 1
+        log_to_loggers(self.trainer, metrics, step=self._logged_step)
 
     def _restart_throughput_window(self) -> None:
         # Time spent outside training steps (validation, a new epoch's loader) is not throughput.
-        self._tokens, self._window_started = None, time.perf_counter()
+        self._tokens, self._window_started = None, None
 
     def on_train_epoch_start(self) -> None:
         self._restart_throughput_window()
@@ -215,6 +277,11 @@ class LitMiniGPT(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._stop_if_non_finite()
+        # A run that stops between logging steps (max_time, Ctrl-C) ends its curve at its last step.
+        loss = self.trainer.callback_metrics.get("train_loss")
+        if loss is not None and self.global_step > self._logged_step:
+            metrics = {"train_loss": float(loss), "epoch": float(self.current_epoch)}
+            log_to_loggers(self.trainer, metrics, step=self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
@@ -234,11 +301,8 @@ class LitMiniGPT(pl.LightningModule):
         # Never touch trainer.estimated_stepping_batches here: it drops the data loader's
         # saved position on resume (Lightning issue #20550).
         if hp.optimizer in ("adamw", "muon"):
-            if (
-                hp.optimizer == "muon"
-                and self._trainer is not None
-                and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-            ):
+            trainer = self._attached_trainer()
+            if hp.optimizer == "muon" and isinstance(getattr(trainer, "strategy", None), _SHARDING):
                 raise UserError(
                     "model.optimizer muon orthogonalises whole weight matrices, which a sharding strategy "
                     "splits across processes; use --trainer.strategy ddp or --model.optimizer adamw"
@@ -274,9 +338,16 @@ class LitMiniGPT(pl.LightningModule):
         `configure_gradient_clipping`). None (PyTorch's default) on other devices and with 16-bit AMP,
         whose GradScaler would unscale the gradients of a fused optimizer after our clipping."""
         params = [p for p in self.parameters() if p.requires_grad]
-        scaled = self._trainer is not None and str(self.trainer.precision).startswith("16")
+        trainer = self._attached_trainer()
+        scaled = trainer is not None and str(trainer.precision).startswith("16")
         on_fused_devices = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         return True if params and on_fused_devices and not scaled else None
+
+    def _attached_trainer(self) -> pl.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer (e.g. configure_optimizers called on its own)
+            return None
 
     def _lr_factor(self, step: int) -> float:
         hp = self.hparams
@@ -319,10 +390,11 @@ class LitMiniGPT(pl.LightningModule):
         return min(1.0, max(done))
 
     # -- what a checkpoint carries ------------------------------------------------------------------
-    def configure_model(self) -> None:
+    def on_fit_start(self) -> None:
         if self.hparams.get("compile") and not getattr(self, "_compiled", False):
             # Each block, in place (checkpoints keep their keys): training calls the model's loss, not
-            # `model(...)`, so compiling the GPT module itself would leave the training step eager.
+            # `model(...)`, so compiling the GPT module itself would leave the training step eager. Here,
+            # after the model summary's one forward pass, which would otherwise compile a graph of its own.
             for block in self.model.transformer.h:
                 block.compile()
             self._compiled = True
@@ -383,7 +455,7 @@ class LitMiniGPT(pl.LightningModule):
         try:
             self.model.load_state_dict(state)
         except RuntimeError as err:
-            raise UserError(f"{path} does not fit this model config: {str(err).splitlines()[0]}") from err
+            raise UserError(f"{path} does not fit this model config ({state_dict_mismatch(err)})") from err
         tok = section(ckpt).get("tokenizer")
         self.tokenizer = tokenizer_from_dict(tok) if tok else None
 

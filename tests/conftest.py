@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# Set by .ci/run to ../shared/data/aclImdb_v1.tar.gz; tests that need the real archive skip without it.
+# The path of the official aclImdb_v1.tar.gz (.ci/run sets it); tests that need the real archive skip without it.
 IMDB_ARCHIVE_ENV = "MINIGPT_TEST_IMDB_ARCHIVE"
 
 WORDS = "the movie was great bad plot actor film really good story not very boring fun".split()

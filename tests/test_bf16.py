@@ -115,8 +115,21 @@ def fit(corpus, *extra):
 
 
 def test_fit_bf16_mixed(corpus):
-    ckpt = fit(corpus, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "6",
-               "--trainer.val_check_interval", "3")  # fmt: skip
+    # Every Linear layer's output dtype while the run's training steps go forward (a hook on all modules).
+    seen: dict[str, set] = {"train": set(), "other": set()}
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor):
+            seen["train" if torch.is_grad_enabled() and module.training else "other"].add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        ckpt = fit(corpus, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "6",
+                   "--trainer.val_check_interval", "3")  # fmt: skip
+    finally:
+        handle.remove()
+    assert seen["train"] == {torch.bfloat16}  # the training matmuls ran in bf16 under the run's autocast
+    assert torch.bfloat16 in seen["other"]  # and so did validation
     assert ckpt["global_step"] == 6
     weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)  # bf16-mixed keeps fp32 weights

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -37,22 +38,33 @@ def fit(corpus, *extra):
           "--trainer.enable_progress_bar", "false", *extra])  # fmt: skip
 
 
-def test_fit_tiny_writes_events_checkpoints_and_samples(corpus, run_here, caplog):
-    fit(corpus, "--trainer.max_steps", "12", "--trainer.val_check_interval", "6")
+def test_fit_tiny_writes_events_checkpoints_and_samples(corpus, run_here, caplog, capsys):
+    fit(corpus, "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "4")
     run = run_here / "lightning_logs" / "version_0"
     assert list(run.glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
     scalars = read_scalars(run)
     assert {"train_loss", "val_loss", "val_ppl", "train_tok_s"} <= scalars.keys()
-    assert len(scalars["val_loss"]) == 2  # validated at steps 6 and 12
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run))
     acc.Reload()
     samples = acc.Tensors("samples/text_summary")
     assert len(samples) == 2 and b"the movie was" in samples[-1].tensor_proto.string_val[0]
-    assert "sample (step 12): the movie was |" in caplog.text
+    # TensorBoard, the console and the samples name the same steps: the number of optimizer steps done.
+    console = [int(m) for m in re.findall(r"step (\d+): val_loss", caplog.text)]
+    said = [int(m) for m in re.findall(r"sample \(step (\d+)\): the movie was \|", caplog.text)]
+    assert console == said == [s for s, _ in scalars["val_loss"]] == [e.step for e in samples] == [6, 12]
+    # The first line of the run (after the data and the devices) says how long it trains.
+    first = next(r.getMessage() for r in caplog.records if r.name.startswith("minigpt.") and "data" not in r.name)
+    assert first == "training for 12 steps (trainer.max_steps); --trainer.max_steps 24 trains longer"
+    assert [s for s, _ in scalars["train_loss"]] == [s for s, _ in scalars["lr"]] == [4, 8, 12]
+    # Progress lines (every logging step or 30 s, whichever is later) show the loss TensorBoard has at their step.
+    progress = re.findall(r"^step (\d+)/12 .* train_loss ([\d.]+) ", capsys.readouterr().out, re.MULTILINE)
+    assert progress and [(int(s), float(v)) for s, v in progress] == [
+        (s, pytest.approx(v, abs=1e-4)) for s, v in scalars["train_loss"] if str(s) in dict(progress)
+    ]
     assert (run / "config.yaml").exists()
 
 
@@ -103,6 +115,54 @@ def test_default_fit_config_is_the_imdb_recipe(capsys):
     recipe = yaml.safe_load((CONFIGS / "imdb.yaml").read_text())
     assert cfg["model"]["config"]["head"] == recipe["model"]["config"]["head"]
     assert cfg["data"]["block_size"] == recipe["data"]["block_size"]
+    # It trains for 10 minutes and then ends (no epoch limit): the budget of the README's results.
+    limits = (cfg["trainer"]["max_time"], cfg["trainer"]["max_epochs"], cfg["trainer"]["max_steps"])
+    assert limits == ("00:00:10:00", None, -1)
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.max_time", "null", "--trainer.max_epochs", "3", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["trainer"]["max_time"], cfg["trainer"]["max_epochs"]) == (None, 3)
+
+
+@pytest.mark.parametrize(
+    ("limits", "resumed", "line"),
+    [
+        (dict(max_time="00:00:10:00"), False,
+         "training for 10 minutes (trainer.max_time); --trainer.max_time 00:01:00:00 trains longer"),
+        (dict(max_time={"hours": 2, "seconds": 5}), True, "training for 2 hours 5 seconds (trainer.max_time) in all, "
+         "the checkpoint's included; --trainer.max_time 00:04:00:10 trains longer"),
+        (dict(max_time=None, max_epochs=3), False,
+         "training for 3 epochs (trainer.max_epochs); --trainer.max_epochs 6 trains longer"),
+        (dict(max_steps=20), False, "training for 20 steps (trainer.max_steps); --trainer.max_steps 40 trains longer"),
+        (dict(max_steps=20, max_epochs=1), True, "training for 20 steps (trainer.max_steps) or 1 epoch "
+         "(trainer.max_epochs) in all, the checkpoint's included, whichever comes first; --trainer.max_steps 40"),
+        (dict(max_steps=1500, max_epochs=2), False, "training for 1,500 steps (trainer.max_steps) or 2 epochs "
+         "(trainer.max_epochs), whichever comes first; --trainer.max_steps 3000 trains longer"),
+        (dict(max_epochs=-1), False,
+         "training until stopped (no trainer.max_time, max_steps or max_epochs); Ctrl-C saves"),
+    ],
+)  # fmt: skip
+def test_the_first_line_of_a_fit_says_how_long_it_trains(limits, resumed, line):
+    from lightning.pytorch import Trainer
+
+    from minigpt.commands.train import budget_line
+
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **limits)
+    assert budget_line(trainer, resumed=resumed).startswith(line)
+
+
+def test_fit_by_epochs_ends_after_them(corpus, run_here, caplog):
+    fit(corpus, "--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1000")
+    ckpt = torch.load(run_here / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 2 * len(_train_batches(corpus))
+    assert "training for 2 epochs (trainer.max_epochs); --trainer.max_epochs 4 trains longer" in caplog.text
+
+
+def _train_batches(corpus):
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["data"]
+    dm = IMDBDataModule(**data, source="text", text_path=str(corpus))
+    dm.setup("fit")
+    return dm.train_dataloader()
 
 
 def test_prepare_json(corpus, capsys):
@@ -120,11 +180,16 @@ def test_prepare_json(corpus, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["fit", "--data.batch_sise", "3"], "unrecognized arguments"),
-        (["fit", "--trainer.max_step", "5"], "unrecognized arguments"),  # no abbreviations
+        (["fit", "--data.batch_sise", "3"], "arguments: --data.batch_sise 3 (did you mean --data.batch_size?)"),
+        (["fit", "--trainer.max_step", "5"], "--trainer.max_step 5 (did you mean --trainer.max_steps?)"),
+        (["validate", "--ckpt_pth", "x"], "unrecognized arguments: --ckpt_pth x (did you mean --ckpt_path?)"),
+        (["fit", "--model.confg.n_embd", "8", "--zzz", "1"], "(did you mean --model.config.n_embd for --model.confg"),
         (["fit", "--early_validation.step", "0"], "early_validation.step"),
-        (["prepare", "--sho", "2"], "unrecognized arguments"),
-        (["plot", "--roo", "x"], "unrecognized arguments"),
+        (["prepare", "--sho", "2"], "unrecognized arguments: --sho 2 (did you mean --show?)"),
+        (["plot", "--roo", "x"], "unrecognized arguments: --roo (did you mean --root?)"),  # x: the run_dir
+        (["fit", "--config", "BAD_YAML"], "bad.yaml has a YAML syntax error at line 3, column 6: expected ',' or ']'"),
+        (["prepare", "--config", "BAD_YAML"], "bad.yaml has a YAML syntax error at line 3, column 6: expected ',' or"),
+        (["fit", "--config", "/no/such.yaml"], "--config /no/such.yaml does not exist"),
         (["fit", "--model.config.n_embd", "30"], "divisible"),
         (["fit", "--data.batch_size", "0"], "batch_size must be >= 1"),
         (["fit", "--model.config.dropout", "-0.1"], "dropout"),
@@ -139,7 +204,10 @@ def test_prepare_json(corpus, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, corpus, run_here, capsys):
-    if args[0] == "fit" and "--data.archive" not in args:
+    if "BAD_YAML" in args:
+        (run_here / "bad.yaml").write_text("trainer:\n  max_steps: [1, 2\nmodel: {}\n")
+        args = [a.replace("BAD_YAML", str(run_here / "bad.yaml")) for a in args]
+    elif args[0] == "fit" and "--data.archive" not in args:
         tiny = ["--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus)]
         args = [args[0], *tiny, *args[1:]]  # later options override the config file
     with pytest.raises(SystemExit) as e:
@@ -217,7 +285,7 @@ def test_generate_stream_prints_the_same_text(tiny_ckpt, capsys):
         (["--prompt_file", "/no/such/prompts.txt"], "cannot read"),
         (["--prompt", "a", "--max_new_tokens", "0"], "max_new_tokens"),
         (["--prompt", "a", "--num_samples", "0"], "num_samples"),
-        (["--prompt", "a", "--temp", "0"], "unrecognized arguments"),  # no abbreviations
+        (["--prompt", "a", "--temp", "0"], "unrecognized arguments: --temp 0 (did you mean --temperature?)"),
         ([], "give a prompt"),
     ],
 )
@@ -241,7 +309,7 @@ def test_generate_bad_checkpoint(tmp_path, content, capsys):
     assert len(err) == 1 and str(path) in err[0]
 
 
-# -- issue 11: run folders, saved configs, quiet start ----------------------------------------------------------
+# -- run folders, saved configs, quiet start -------------------------------------------------------------------
 def test_default_root_dir_holds_the_run_and_last_plot_and_resume_follow_it(corpus, run_here, capsys):
     root = run_here / "runs"
     fit(corpus, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", "runs")
@@ -297,8 +365,8 @@ def test_quiet_start_early_validation_progress_lines_and_one_lr_curve(corpus, ru
         "--trainer.log_every_n_steps", "2")  # fmt: skip
     run = run_here / "lightning_logs" / "version_0"
     scalars = read_scalars(run)
-    # early, then the regular interval (not 6, 9); Lightning logs them at global_step - 1
-    assert [s + 1 for s, _ in scalars["val_loss"]] == [3, 10]
+    # early, then the regular interval (not 6, 9)
+    assert [s for s, _ in scalars["val_loss"]] == [3, 10]
     assert "hp_metric" not in scalars
     lr_tags = [t for t in scalars if t.startswith("lr")]
     assert lr_tags == ["lr"]  # AdamW's two groups share one rate: one curve
@@ -316,6 +384,9 @@ def test_last_progress_line_names_the_epoch_of_the_last_step(corpus, run_here, c
     fit(corpus, "--trainer.max_steps", "7", "--trainer.log_every_n_steps", "50")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(lines) == 1 and lines[0].startswith("step 7/7  epoch 0  ")
+    # and TensorBoard's training curve ends at that step, with the loss the line shows
+    (logged,) = read_scalars(run_here / "lightning_logs" / "version_0")["train_loss"]
+    assert logged[0] == 7 and f"train_loss {logged[1]:.4f} " in lines[0]
 
 
 def test_progress_log_every_n_steps_or_30_s_whichever_is_later():
@@ -360,7 +431,7 @@ def test_progress_bar_shows_the_version():
         tqdm_progress.TQDMProgressBar.get_metrics = base
 
 
-# -- issue 11: commands -----------------------------------------------------------------------------------------
+# -- commands --------------------------------------------------------------------------------------------------
 def test_evaluate_without_split_picks_one_the_data_has_and_says_which(tiny_ckpt, capsys):
     main(["evaluate", "--ckpt_path", str(tiny_ckpt), "--max_docs", "3", "--json"])
     captured = capsys.readouterr()
@@ -528,9 +599,9 @@ def quality_script():
     return script
 
 
-def test_quality_script_previous_recipe_is_the_old_imdb_yaml(quality_script, capsys):
-    # scripts/quality_vs_minutes.py writes issue 8's recipe as overrides of today's imdb.yaml; they must give
-    # back every model, optimizer and data setting that file held (copied here as it was).
+def test_quality_script_adamw_recipe_gives_its_settings(quality_script, capsys):
+    # scripts/quality_vs_minutes.py writes its AdamW recipe as overrides of imdb.yaml; they must give back
+    # every model, optimizer and data setting of that recipe (written out here).
     with pytest.raises(SystemExit):
         main(["fit", *quality_script.RECIPES["previous recipe"], "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
@@ -562,8 +633,16 @@ def test_quality_script_reruns_a_command_whose_config_file_changed(quality_scrip
     assert quality_script.config_digests(command) != before
 
 
-def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path):
+def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = []  # the figure as it is written to the file
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
     rows = [{"minutes": m, "test": {"bits_per_character": 2.0 / m}} for m in (1, 2, 5, 10)]
+    other = [{"minutes": m, "test": {"bits_per_character": 3.0 - m / 10}} for m in (1, 2)]
     out = tmp_path / "q.png"
-    quality_script.plot({"a": rows, "b": rows[:2]}, out, max_docs=1000)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    quality_script.plot({"a": rows, "b": other}, out, max_docs=1000)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(saved) == 1
+    curves = {line.get_label(): line.get_xydata().tolist() for line in saved[0].axes[0].get_lines()}
+    assert curves == {"a": [[1, 2.0], [2, 1.0], [5, 0.4], [10, 0.2]], "b": [[1, 2.9], [2, 2.8]]}

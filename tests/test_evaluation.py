@@ -42,16 +42,32 @@ def test_bits_per_character_by_hand():
     assert r.unk_rate == 0.0
 
 
+def by_hand_loss(model: GPT, s: list[int], block: int, stride: int) -> float:
+    """Mean NLL of every target of s[1:], each predicted once from its own context: target t (t >= 1) is
+    scored by the first window [k, k + block) with k a multiple of `stride` that reaches it, i.e. from s[k:t]."""
+    nll = 0.0
+    for t in range(1, len(s)):
+        k = 0 if t <= block else -(-(t - block) // stride) * stride
+        logp = torch.log_softmax(model(torch.tensor([s[k:t]]))[0, -1], -1)
+        nll -= float(logp[s[t]])
+    return nll / (len(s) - 1)
+
+
 def test_stride_gives_context_but_scores_each_token_once():
     vocab = Vocab.build(["a b c d e f g h i j k l m n o p"])
+    torch.manual_seed(0)
     model = GPT(GPTConfig.tiny(vocab_size=len(vocab), block_size=8)).eval()
-    ids, offsets = flatten([vocab.encode("a b c d e f g h i j k l m n o p q")])
+    doc = vocab.encode("a b c d e f g h i j k l m n o p q")
+    ids, offsets = flatten([doc])
     specials = dict(unk_index=0, eot_index=vocab.eot_index, pad_index=vocab.pad_index)
     plain = evaluate_ids(model, ids, offsets, 33, **specials)
     strided = evaluate_ids(model, ids, offsets, 33, **specials, stride=2)
     assert plain.tokens == strided.tokens == 18
     assert plain.unk_rate == pytest.approx(1 / 18)  # "q" is unknown
-    assert strided.loss != plain.loss
+    s = [EOT_ID, *doc, EOT_ID]
+    assert plain.loss == pytest.approx(by_hand_loss(model, s, block=8, stride=8), rel=1e-5)
+    assert strided.loss == pytest.approx(by_hand_loss(model, s, block=8, stride=2), rel=1e-5)
+    assert abs(strided.loss - plain.loss) > 1e-3  # the extra context does change the scores
 
 
 def test_evaluate_equals_trainer_test(tiny_archive, tmp_path, monkeypatch, capsys):

@@ -1,14 +1,19 @@
+import io
 import math
+import pickle
+import types
+import warnings
 
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
 from minigpt.checkpoint import load_model, read_checkpoint
 from minigpt.config import GPTConfig
 from minigpt.data.datamodule import IMDBDataModule
-from minigpt.lit_module import LitMiniGPT
+from minigpt.lit_module import LitMiniGPT, is_logging_step
 from minigpt.model import lm_loss
 from minigpt.tokenizer import IGNORE_INDEX
 
@@ -124,22 +129,60 @@ def test_checkpoint_generates_without_data_and_loads_weights_only(tiny_corpus, t
     assert model.config == lit.config and len(vocab) == lit.config.vocab_size
 
 
+class NotATensor:
+    pass
+
+
+def _torch_file(obj, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+SAVED = _torch_file({"state_dict": {"w": torch.ones(3)}, "hyper_parameters": {}})
+
+
 @pytest.mark.parametrize(
-    ("content", "match"),
-    [(b"", "empty"), (b"\x00garbage", "corrupt"), (None, "does not exist")],
-)
-def test_bad_checkpoint_files(tmp_path, content, match):
+    ("content", "message"),
+    [
+        (None, r"^checkpoint \S+x\.ckpt does not exist$"),
+        ("folder", r"^checkpoint \S+x\.ckpt is a folder; pass a \.ckpt file written by minigpt fit \(e\.g\. "),
+        (b"", r"^checkpoint \S+x\.ckpt is empty \(0 bytes\)$"),
+        (b"# README\n", r"x\.ckpt is not a PyTorch checkpoint \(it is not a zip or pickle file\); pass a \.ckpt file"),
+        (b"\x00garbage", r"x\.ckpt is not a PyTorch checkpoint \(it is not a zip or pickle file\)"),
+        (SAVED[: len(SAVED) // 2], r"x\.ckpt is truncated \(its zip archive has no end: the file was cut off while"),
+        (SAVED[:-100] + bytes(100), r"x\.ckpt is truncated \(its zip archive has no end"),
+        (pickle.dumps({"a": 1}), r"x\.ckpt is a pickle file that PyTorch cannot load as a checkpoint; pass a \.ckpt"),
+        (_torch_file({"a": NotATensor()}), r"x\.ckpt holds Python objects besides tensors and plain values, so it is"),
+        (_torch_file({"weights": torch.zeros(2)}), r"x\.ckpt is a PyTorch file but not a minigpt checkpoint \(it has"),
+        (_torch_file([1, 2], _use_new_zipfile_serialization=False), r"x\.ckpt is a PyTorch file but not a minigpt"),
+    ],
+    ids=["missing", "folder", "empty", "text", "binary", "truncated", "cut-end", "pickle", "objects", "foreign",
+         "legacy-foreign"],
+)  # fmt: skip
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is_in_one_sentence(tmp_path, content, message):
     path = tmp_path / "x.ckpt"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(ValueError, match=match):
-        read_checkpoint(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may come before the error line
+        with pytest.raises(ValueError, match=message) as err:
+            read_checkpoint(str(path))
+    text = str(err.value)
+    sentence = text.replace(str(path), "PATH")
+    assert "\n" not in sentence and len(sentence) < 200 and sentence[-1] not in "(,:; ", sentence  # a whole sentence
 
 
-def test_foreign_checkpoint(tmp_path):
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.ckpt")
-    with pytest.raises(ValueError, match="not a minigpt checkpoint"):
-        read_checkpoint(str(tmp_path / "foreign.ckpt"))
+def test_a_corrupt_zip_member_is_corrupt_not_truncated(tmp_path):
+    # A zip whose directory is intact but whose tensor data is damaged: PyTorch fails on reading it.
+    data = bytearray(SAVED)
+    start = data.index(b"data.pkl") + len("data.pkl")
+    data[start + 40 : start + 60] = bytes(20)
+    (tmp_path / "x.ckpt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"^checkpoint \S+x\.ckpt is corrupt: it is a zip archive, but PyTorch cannot"):
+        read_checkpoint(str(tmp_path / "x.ckpt"))
 
 
 def test_vocab_mismatch_on_fine_tuning_is_refused(tiny_corpus, tmp_path):
@@ -272,7 +315,7 @@ def test_training_steps_read_nothing_on_the_host_except_on_logging_steps(tiny_co
             self.per_step = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.logging = trainer._logger_connector.should_update_logs
+            self.logging = is_logging_step(trainer, batch_idx)
             reads[0] = 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -304,3 +347,78 @@ def test_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_weights_finite(
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
     # The fused optimizer (and Muon beside it) skipped every update after the bad step, without a host read.
     assert all(torch.isfinite(p).all() for p in lit.parameters())
+
+
+# -- what reaches the logger ---------------------------------------------------------------------------------
+class MemoryLogger(Logger):
+    """Every (step, metrics) a run logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    name, version = "memory", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def values(self, key: str) -> list[tuple[int, float]]:
+        return [(step, m[key]) for step, m in self.rows if key in m]
+
+
+class StepClock(Callback):
+    """A fake clock: each training step takes 1 s up to its loss (data, forward) and 2 s after (backward,
+    optimizer); validation takes no time. Also records each batch's scored tokens."""
+
+    def __init__(self, clock: list[float]):
+        self.clock, self.tokens = clock, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.clock[0] += 1.0
+        self.tokens.append(int((batch[1] != IGNORE_INDEX).sum()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.clock[0] += 2.0
+
+
+def test_tokens_per_second_counts_whole_steps_after_validation_and_after_a_resume(tiny_corpus, tmp_path, monkeypatch):
+    import minigpt.lit_module as lit_module
+
+    clock = [100.0]
+    monkeypatch.setattr(lit_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def run(max_steps, callbacks, ckpt_path=None):
+        seed_everything(5)
+        dm, lit = make(tiny_corpus, tmp_path)
+        logger = MemoryLogger()
+        # Validation after steps 5, 10, 15; logging steps 3, 6, 9, ...: step 6 is the first one after a validation.
+        t = trainer(tmp_path, max_steps, callbacks, logger=logger, log_every_n_steps=3, limit_val_batches=1)
+        t.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+        return logger.values("train_tok_s")
+
+    first = StepClock(clock)
+    stop = RecordLR(stop_at=7, ckpt=str(tmp_path / "mid.ckpt"))  # an interrupted run, resumed below
+    before = run(18, [first, stop])
+    clock[0] += 1000.0  # the resumed process starts later
+    second = StepClock(clock)
+    after = run(18, [second], ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert set(first.tokens + second.tokens) == {32}  # every batch scores 4 x 8 tokens
+    # Every rate is 32 tokens per 3-second step, the first after a validation or a resume included: a window
+    # that opened at the end of a pause and closed inside a step would give 32 / 1 s (3x) at step 6.
+    assert [step for step, _ in before] == [3] and [step for step, _ in after] == [9, 12, 15, 18]
+    assert [rate for _, rate in before + after] == pytest.approx([32 / 3] * 5)
+
+
+def test_the_model_summary_counts_the_flops_of_one_sequence():
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    lit = LitMiniGPT(GPTConfig.tiny(vocab_size=40, block_size=8))
+    summary = ModelSummary(lit, max_depth=1)
+    if not hasattr(summary, "total_flops"):
+        pytest.skip("this Lightning's model summary counts no FLOPs")
+    # At least the token-by-parameter multiply-adds of the matrices one 8-token sequence goes through.
+    matrices = sum(p.numel() for name, p in lit.model.named_parameters() if p.dim() == 2 and "wpe" not in name)
+    assert summary.total_flops >= 2 * 8 * (matrices - lit.model.transformer.wte.weight.numel())

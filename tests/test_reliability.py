@@ -1,8 +1,10 @@
 """Crash and resume, Ctrl-C, non-finite loss, atomic checkpoints: `minigpt fit` as a real process."""
 
 import errno
+import math
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -12,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from minigpt.checkpoint import save_checkpoint
 from minigpt.checkpointing import AtomicCheckpointIO
 from minigpt.cli import main
+from minigpt.data.datamodule import IMDBDataModule
 from minigpt.errors import UserError
 from minigpt.plot import read_scalars
 
@@ -40,8 +44,23 @@ def last_step(ckpt: Path) -> int:
         return -1
 
 
+def batches_per_epoch(corpus) -> int:
+    """Training batches per epoch of `fit_args(corpus)` (tiny.yaml's data on the corpus)."""
+    data = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["data"]
+    dm = IMDBDataModule(**data, source="text", text_path=str(corpus))
+    dm.setup("fit")
+    return len(dm.train_dataloader())
+
+
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(corpus, tmp_path):
-    common = ("--trainer.max_steps", "40", "--trainer.val_check_interval", "8", "--checkpoint.every_n_train_steps", "5")
+    # Checkpoints every `every` steps, and the run ends before any of them falls on an epoch's end
+    # (their least common multiple): wherever the kill lands, it resumes from the middle of an epoch.
+    per_epoch = batches_per_epoch(corpus)
+    every = next(k for k in (5, 4, 3) if per_epoch % k)
+    max_steps = math.lcm(every, per_epoch) - 1
+    assert max_steps >= 4 * every, (per_epoch, every)
+    common = ("--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "8",
+              "--checkpoint.every_n_train_steps", str(every))  # fmt: skip
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir(), crashed.mkdir()
     assert run(fit_args(corpus, *common), straight).returncode == 0
@@ -49,25 +68,26 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(corpus, tmp_path):
     proc = subprocess.Popen(fit_args(corpus, *common), cwd=crashed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = crashed / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and last_step(ckpt) < 17:
+    while time.time() < deadline and proc.poll() is None and last_step(ckpt) < 2 * every:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = last_step(ckpt)
-    assert 15 <= killed_at < 40 and killed_at % 7 != 0  # mid-epoch (7 batches per epoch)
+    assert 2 * every <= killed_at < max_steps and killed_at % per_epoch != 0  # true by construction
 
     resumed = run(fit_args(corpus, *common, "--ckpt_path", "last"), crashed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(straight / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
-    assert a["global_step"] == b["global_step"] == 40
+    assert a["global_step"] == b["global_step"] == max_steps
     for name, value in a["state_dict"].items():
         assert torch.allclose(value, b["state_dict"][name], atol=1e-6), name
-    va = read_scalars(straight / "lightning_logs/version_0")["val_loss"]
-    vb = read_scalars(crashed / "lightning_logs/version_0")["val_loss"]
-    assert [s for s, _ in va] == [s for s, _ in vb]  # one continuous curve, same points
-    assert [v for _, v in va] == pytest.approx([v for _, v in vb], abs=1e-6)
+    for tag in ("val_loss", "train_loss"):  # one continuous curve each, the same points as the straight run's
+        va = read_scalars(straight / "lightning_logs/version_0")[tag]
+        vb = read_scalars(crashed / "lightning_logs/version_0")[tag]
+        assert [s for s, _ in va] == [s for s, _ in vb], tag
+        assert [v for _, v in va] == pytest.approx([v for _, v in vb], abs=1e-5), tag
     assert sorted(p.name for p in (crashed / "lightning_logs").iterdir()) == ["version_0"]
 
 
@@ -93,10 +113,16 @@ def test_ctrl_c_twice_keeps_one_last_checkpoint_and_the_best_files_rotate(corpus
     long_run = ("--trainer.max_steps", "100000", "--trainer.max_epochs", "100000", "--trainer.val_check_interval", "5")
     folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     first = _fit_until_validated(fit_args(corpus, *long_run), tmp_path, tmp_path / "err1", 0)
-    assert "saved" in first and "--ckpt_path last" in first
     assert not re.search(r"warning|tip:", first.replace("Ctrl-C", ""), re.IGNORECASE)  # a quiet start
     step = last_step(folder / "last.ckpt")
     assert step > 0
+    # The line saying where the checkpoint is comes once it is final: after the validation Lightning runs
+    # when a run stops (which may write last.ckpt again), naming the step the file holds.
+    lines = first.splitlines()
+    saved = [i for i, line in enumerate(lines) if line.startswith("saved ")]
+    validated = [i for i, line in enumerate(lines) if f"step {step}: val_loss" in line]
+    assert len(saved) == 1 and validated and saved[0] > validated[-1], first[-2000:]
+    assert f"last.ckpt (step {step}); resume with: minigpt fit ... --ckpt_path last" in lines[saved[0]]
     second = _fit_until_validated(fit_args(corpus, *long_run, "--ckpt_path", "last"), tmp_path, tmp_path / "err2", step)
     assert "exists and is not empty" not in second
     assert last_step(folder / "last.ckpt") > step
@@ -221,3 +247,31 @@ def test_two_process_ddp_trains_on_disjoint_samples_and_resumes(corpus, tmp_path
     resumed = run(fit_args(corpus, *common, *ddp, "--trainer.max_steps", "9", "--ckpt_path", "last"), tmp_path / "ddp")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert last_step(tmp_path / "ddp/lightning_logs/version_0/checkpoints/last.ckpt") == 9
+
+
+def test_a_saved_config_starts_a_new_run_after_ctrl_c_and_resume(corpus, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    long_run = ("--trainer.max_steps", "100000", "--trainer.val_check_interval", "5")
+    err = _fit_until_validated(fit_args(corpus, *long_run, "--trainer.default_root_dir", str(old)), tmp_path,
+                               tmp_path / "err1", 0)  # fmt: skip
+    run_dir = old / "lightning_logs" / "version_0"
+    step = last_step(run_dir / "checkpoints" / "last.ckpt")
+    # resume with the command the run printed, for two more steps
+    printed = next(line for line in err.splitlines() if line.startswith("resume "))
+    resume = shlex.split(printed)[1:]  # minigpt fit --config .../config.yaml --ckpt_path .../last.ckpt
+    assert resume[:3] == ["minigpt", "fit", "--config"] and Path(resume[3]) == run_dir / "config.yaml"
+    assert resume[4:] == ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    resumed = run([*MINIGPT, *resume[1:], "--trainer.max_steps", str(step + 2)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert last_step(run_dir / "checkpoints" / "last.ckpt") == step + 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["ckpt_path"] is None  # never saved
+
+    config = (run_dir / "config.yaml").read_bytes()
+    files = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    again = run([*MINIGPT, "fit", "--config", str(run_dir / "config.yaml"), "--trainer.default_root_dir", str(new),
+                 "--trainer.max_steps", "2"], tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert last_step(new / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt") == 2  # a new run, here
+    assert (run_dir / "config.yaml").read_bytes() == config  # the old run is untouched
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == files
+    assert sorted(p.name for p in (old / "lightning_logs").iterdir()) == ["version_0"]

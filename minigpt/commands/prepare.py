@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import time
 from importlib.resources import files
-from pathlib import Path
 
-import yaml
-
+from minigpt.cli import load_yaml_file
 from minigpt.commands._common import Output, construct
 from minigpt.data.datamodule import IMDBDataModule
-from minigpt.errors import UserError
 
 
 def add_arguments(parser, argv: list[str]) -> set[str]:
@@ -31,13 +28,7 @@ def _config_arg(argv: list[str]) -> str | None:
 
 def _config_data(path: str | None) -> dict:
     """The ``data:`` section of a fit config (default: the recipe ``minigpt fit`` runs, configs/imdb.yaml)."""
-    file = Path(path) if path else Path(str(files("minigpt.configs") / "imdb.yaml"))
-    if not file.is_file():
-        raise UserError(f"--config {path} does not exist")
-    try:
-        cfg = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"--config {path} is not a YAML file ({str(err).splitlines()[0]})") from err
+    cfg = load_yaml_file(path or str(files("minigpt.configs") / "imdb.yaml")) or {}
     data = cfg.get("data") if isinstance(cfg, dict) else None
     return dict(data) if isinstance(data, dict) else {}
 

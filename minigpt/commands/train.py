@@ -16,13 +16,15 @@ import logging
 import shlex
 import sys
 import warnings
+from argparse import ArgumentError
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from minigpt.callbacks import (
@@ -35,10 +37,13 @@ from minigpt.callbacks import (
 )
 from minigpt.checkpoint import data_settings, model_config, read_checkpoint, section
 from minigpt.checkpointing import RunCheckpoint, use_atomic_writes
+from minigpt.cli import did_you_mean, load_yaml_file, parser_options
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
 from minigpt.lit_module import LitMiniGPT
+
+log = logging.getLogger(__name__)
 
 RUNS = "lightning_logs"
 """Folder of the runs under the root dir (Lightning's default logger name)."""
@@ -56,6 +61,8 @@ class MiniGPTCLI(LightningCLI):
         # The options as typed, to tell values the user passed from values of a config file.
         self.typed_args = list(kwargs.get("args") or sys.argv[1:])
         self._checkpoints: dict[str, dict] = {}
+        self._typed_parsers: list[LightningArgumentParser] = []
+        kwargs.setdefault("save_config_callback", RunConfig)
         super().__init__(*args, **kwargs)
 
     def _checkpoint(self, path: str) -> dict:
@@ -64,19 +71,28 @@ class MiniGPTCLI(LightningCLI):
             self._checkpoints[path] = read_checkpoint(path)
         return self._checkpoints[path]
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyper-parameters here, before any hook: check the file
-        # first so a missing, empty, corrupt or foreign one is one line, not a traceback.
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ArgumentError(None, did_you_mean(str(err), self._options_of(self.typed_args[:1]))) from err
+        # Lightning reads the checkpoint's hyper-parameters right after parsing, before any hook: check
+        # the file first so a missing, empty, corrupt or foreign one is one line, not a traceback.
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt not in ("last", "best"):
             self._checkpoint(ckpt)
-        super()._parse_ckpt_path()
+
+    def _options_of(self, command: list[str]) -> list[str]:
+        """The options of the subcommand that was typed (its parser's prog ends with its name)."""
+        parsers = [p for p in self._typed_parsers if command and p.prog.split()[-1] == command[0]]
+        return parser_options(parsers[0]) if parsers else []
 
     def _passed(self, prefix: str) -> set[str]:
         return {a.split("=")[0][len(prefix) :] for a in self.typed_args if a.startswith(prefix)}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self._typed_parsers.append(parser)  # for "did you mean" after an unknown option
         parser.link_arguments("data.block_size", "model.config.block_size")
         # The vocabulary is known only once the data is tokenized: link it at instantiation.
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
@@ -103,6 +119,10 @@ class MiniGPTCLI(LightningCLI):
             cfg["ckpt_path"] = ckpt = resolve_ckpt_path(ckpt, cfg)
             if self.subcommand != "fit":
                 self._config_from_checkpoint(cfg, self._checkpoint(ckpt), self._passed("--data."))
+
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            log.info(budget_line(self.trainer, resumed=bool(self.config_init["fit"].get("ckpt_path"))))
 
     def instantiate_classes(self) -> None:
         try:
@@ -172,7 +192,7 @@ def resolve_ckpt_path(ckpt: str, cfg) -> str:
         if not found:
             raise UserError(f"--ckpt_path {ckpt}: no {pattern} under {root}/version_*/checkpoints/")
         return str(found[-1])
-    return ckpt  # a given file was checked when Lightning's _parse_ckpt_path ran
+    return ckpt  # a given file was checked right after parsing (MiniGPTCLI.parse_arguments)
 
 
 def run_logger(root: str | None, ckpt: dict | None, ckpt_path: str | None) -> TensorBoardLogger:
@@ -187,8 +207,72 @@ def run_logger(root: str | None, ckpt: dict | None, ckpt_path: str | None) -> Te
         version_dir = path.parent.parent
         kwargs.update(save_dir=str(version_dir.parent.parent), name=version_dir.parent.name, version=version_dir.name)
         if ckpt and ckpt.get("global_step"):
-            kwargs["purge_step"] = int(ckpt["global_step"])  # events are logged at global_step - 1
+            # Every event of step N is written before any checkpoint of step N (minigpt logs each value at
+            # the number of optimizer steps done when it was measured), so later ones are the dropped ones.
+            kwargs["purge_step"] = int(ckpt["global_step"]) + 1
     return TensorBoardLogger(**kwargs)
+
+
+class RunConfig(SaveConfigCallback):
+    """Lightning's config saving, without ``ckpt_path``: a run's ``config.yaml`` starts a new run.
+
+    The saved file is how the run was made, to re-run it (elsewhere, or with other options); the
+    checkpoint to resume from is given when resuming (``--ckpt_path last``), as the last lines of a fit
+    print. A resume into the same version rewrites its ``config.yaml`` with the options it ran with.
+    """
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        if "ckpt_path" in self.config:
+            self.config = self.config.clone()
+            self.config["ckpt_path"] = None
+        super().setup(trainer, pl_module, stage)
+
+
+def budget_line(trainer: Trainer, resumed: bool = False) -> str:
+    """How long a fit will train, and how to change it: one line printed when training starts.
+
+    Args:
+        trainer: the fit's trainer, before it runs.
+        resumed: the fit resumes a checkpoint, whose steps, epochs and time Lightning counts in its limits.
+
+    Returns:
+        e.g. "training for 10 minutes (trainer.max_time); --trainer.max_time 00:01:00:00 trains longer".
+    """
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    seconds = timer.time_remaining("train") if timer is not None else None  # the whole budget: nothing ran yet
+    limits = []
+    if seconds is not None:
+        hint = f"--trainer.max_time {_dd_hh_mm_ss(max(2 * seconds, 3600))}"
+        limits.append((f"{_duration(seconds)} (trainer.max_time)", hint))
+    if trainer.max_steps > 0:
+        hint = f"--trainer.max_steps {2 * trainer.max_steps}"
+        limits.append((f"{_count(trainer.max_steps, 'step')} (trainer.max_steps)", hint))
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        hint = f"--trainer.max_epochs {2 * trainer.max_epochs}"
+        limits.append((f"{_count(trainer.max_epochs, 'epoch')} (trainer.max_epochs)", hint))
+    if not limits:
+        return "training until stopped (no trainer.max_time, max_steps or max_epochs); Ctrl-C saves and stops"
+    words = " or ".join(limit for limit, _ in limits)
+    words += " in all, the checkpoint's included" if resumed else ""
+    words += ", whichever comes first" if len(limits) > 1 else ""
+    return f"training for {words}; {limits[0][1]} trains longer"
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n:,} {unit}{'s' if n != 1 else ''}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    parts = [(seconds // 86400, "day"), (seconds // 3600 % 24, "hour"), (seconds // 60 % 60, "minute"),
+             (seconds % 60, "second")]  # fmt: skip
+    return " ".join(_count(n, unit) for n, unit in parts if n) or "0 seconds"
+
+
+def _dd_hh_mm_ss(seconds: float) -> str:
+    """Lightning's max_time string (DD:HH:MM:SS)."""
+    seconds = round(seconds)
+    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class _NoTips(logging.Filter):
@@ -216,6 +300,8 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
     # which would leak the recipe's settings into e.g. seed.yaml).
     if command == "fit" and not any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
         argv = ["--config", default_config(), *argv]
+    for path in config_files(argv):
+        load_yaml_file(path)  # a YAML error names the file, line and column (the parser says neither)
     _quiet_lightning()
     terminal = sys.stdout.isatty()
     callbacks = [LearningRateLog(), GracefulStop()]
@@ -226,6 +312,21 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
         raise UserError(str(err)) from err
     if command == "fit":
         _print_next_steps(cli.trainer, next(c for c in callbacks if isinstance(c, GracefulStop)))
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The config files a command line names.
+
+    Args:
+        argv: the options after the command.
+
+    Returns:
+        The values of ``--config``/``-c`` that are existing paths or end in .yaml, .yml or .json (the
+        parser also takes inline YAML, which is left to it).
+    """
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return [v for v in values if Path(v).expanduser().exists() or v.endswith((".yaml", ".yml", ".json"))]
 
 
 def _build_and_run(command: str, argv: list[str], terminal: bool, callbacks: list) -> MiniGPTCLI:
