@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from minigpt.commands._common import Output, construct
+from minigpt.configs import recipe_path
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.errors import UserError
 
@@ -31,7 +32,7 @@ def _config_arg(argv: list[str]) -> str | None:
 
 def _config_data(path: str | None) -> dict:
     """The ``data:`` section of a fit config (default: the recipe ``minigpt fit`` runs, configs/imdb.yaml)."""
-    file = Path(path) if path else Path(str(files("minigpt.configs") / "imdb.yaml"))
+    file = Path(recipe_path(path)) if path else Path(str(files("minigpt.configs") / "imdb.yaml"))
     if not file.is_file():
         raise UserError(f"--config {path} does not exist")
     try:
