@@ -253,6 +253,20 @@ def _add_flags(parser, function) -> set[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        # From the installed metadata: importing torch or Lightning for this would take seconds.
+        from importlib.metadata import PackageNotFoundError, version
+
+        from minigpt import __version__
+
+        found = []
+        for dist in ("torch", "lightning"):
+            try:
+                found.append(f"{dist} {version(dist)}")
+            except PackageNotFoundError:
+                found.append(f"{dist} not installed")
+        print(f"minigpt {__version__} ({', '.join(found)}, Python {sys.version.split()[0]})")
+        return
     warnings.formatwarning = _one_line_warning
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -86,15 +86,15 @@ def _local_folder(dir_or_name: str | Path, cache_dir: str | Path | None) -> Path
 
     try:
         return Path(snapshot_download(str(dir_or_name), local_files_only=True, cache_dir=cache_dir))
-    except ValueError as err:  # HFValidationError: not a Hub name either, so a folder that is missing
-        raise UserError(f"{str(dir_or_name)!r} is not a local folder (it does not exist)") from err
-    except OSError as err:  # LocalEntryNotFoundError: a Hub name that is not in the local cache
+    except OSError as err:  # LocalEntryNotFoundError (before 1.0 also a ValueError): a Hub name not in the cache
         raise UserError(
             f"{str(dir_or_name)!r} is not a local folder and not in the local Hugging Face cache; minigpt never "
             "downloads. Pass a folder with config.json, the weights and the tokenizer files, e.g. made once on a "
             f"machine with internet by `hf download {dir_or_name} --local-dir ./{path.name}`, or set HF_HOME to a "
             "cache that holds it."
         ) from err
+    except ValueError as err:  # HFValidationError: not a Hub name either, so a folder that is missing
+        raise UserError(f"{str(dir_or_name)!r} is not a local folder (it does not exist)") from err
 
 
 @contextmanager

@@ -368,6 +368,7 @@ def test_val_split_test_without_the_archive_says_what_it_uses(tmp_path, caplog):
 
 def test_seed_config_uses_the_official_test_split_for_validation():
     import yaml
+
     from minigpt.configs import __file__ as configs_init
 
     seed = yaml.safe_load((Path(configs_init).parent / "seed.yaml").read_text())

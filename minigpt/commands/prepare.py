@@ -7,6 +7,7 @@ from importlib.resources import files
 
 from minigpt.cli import load_yaml_file
 from minigpt.commands._common import Output, construct
+from minigpt.configs import recipe_path
 from minigpt.data.datamodule import IMDBDataModule
 
 
@@ -28,7 +29,7 @@ def _config_arg(argv: list[str]) -> str | None:
 
 def _config_data(path: str | None) -> dict:
     """The ``data:`` section of a fit config (default: the recipe ``minigpt fit`` runs, configs/imdb.yaml)."""
-    cfg = load_yaml_file(path or str(files("minigpt.configs") / "imdb.yaml")) or {}
+    cfg = load_yaml_file(recipe_path(path) if path else str(files("minigpt.configs") / "imdb.yaml")) or {}
     data = cfg.get("data") if isinstance(cfg, dict) else None
     return dict(data) if isinstance(data, dict) else {}
 

@@ -38,6 +38,7 @@ from minigpt.callbacks import (
 from minigpt.checkpoint import data_settings, model_config, read_checkpoint, section
 from minigpt.checkpointing import RunCheckpoint, use_atomic_writes
 from minigpt.cli import did_you_mean, load_yaml_file, parser_options
+from minigpt.configs import resolve_config_args
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
@@ -296,6 +297,7 @@ def _quiet_lightning() -> None:
 
 
 def run_lightning_cli(command: str, argv: list[str]) -> None:
+    argv = resolve_config_args(argv)  # --config tiny: the shipped recipe when no file of that name exists
     # `minigpt fit` alone runs the recommended recipe; a --config replaces it (never merges with it,
     # which would leak the recipe's settings into e.g. seed.yaml).
     if command == "fit" and not any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
