@@ -9,6 +9,10 @@ update (Moonlight), so both halves share one learning rate and one schedule.
 Lightning's automatic optimisation steps one optimizer, so ``MuonWithAdamW`` holds the two and shares
 their parameter groups and state: a scheduler that writes ``group["lr"]`` drives both, and the usual
 ``state_dict`` / ``load_state_dict`` save and resume both.
+
+``torch.optim.Muon`` runs its Newton-Schulz iteration in bfloat16, which a CPU without bfloat16
+instructions emulates many times slower than float32 (`minigpt.hardware.native_bf16`). There the iteration
+runs in float32 (``ns_dtype``), through the same operations in the same order.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from minigpt.hardware import native_bf16
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -31,6 +37,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         betas: tuple[float, float],
         momentum: float = 0.95,
         fused: bool | None = None,
+        ns_dtype: torch.dtype | None = None,
     ):
         """
         Args:
@@ -41,11 +48,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
             betas: AdamW's betas.
             momentum: Muon's (Nesterov) momentum.
             fused: AdamW's ``fused``.
+            ns_dtype: the dtype of the Newton-Schulz iteration: ``torch.bfloat16`` (``torch.optim.Muon``'s own) or
+                ``torch.float32``; None picks bfloat16 where the matrices' device computes it natively, else float32.
         """
         self.muon = torch.optim.Muon(
             muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
         )
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=fused)
+        if ns_dtype is None:
+            devices = {p.device for g in self.muon.param_groups for p in g["params"]}
+            ns_dtype = torch.bfloat16 if all(native_bf16(d) for d in devices) else torch.float32
+        if ns_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"ns_dtype must be torch.bfloat16 or torch.float32, got {ns_dtype}.")
+        self.ns_dtype = ns_dtype
         self._n_muon_groups = len(self.muon.param_groups)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
         # Set after the groups exist, so Muon's groups do not get the key: callers read defaults["fused"]
@@ -70,16 +85,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is None:
+        if found_inf is None and self.ns_dtype == torch.bfloat16:
             self.muon.step()
         else:
-            self._muon_step_unless(found_inf.bool())
+            self._muon_step_unless(None if found_inf is None else found_inf.bool())
         self.adamw.found_inf = found_inf
         self.adamw.step()
         return loss
 
-    def _muon_step_unless(self, skip: Tensor) -> None:
-        """`torch.optim.Muon`'s step, kept only where `skip` (a tensor on the device) is False.
+    def _muon_step_unless(self, skip: Tensor | None) -> None:
+        """`torch.optim.Muon`'s step (its iteration in `ns_dtype`), kept only where `skip` (a tensor on the
+        device, or None: always) is False.
 
         Fused AdamW skips its update while `found_inf` is non-zero without a host read; Muon has no
         `found_inf` and updates each matrix and its momentum in place, so putting a skipped step back would
@@ -99,19 +115,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 new_buf = buf.lerp(grad, 1 - momentum)
                 update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-                update = _orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                update = _orthogonalize(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                )  # fmt: skip
                 new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], p.shape))
-                torch.where(skip, buf, new_buf, out=buf)
-                torch.where(skip, p, new_p, out=p)
+                if skip is None:
+                    buf.copy_(new_buf)
+                    p.copy_(new_p)
+                else:
+                    torch.where(skip, buf, new_buf, out=buf)
+                    torch.where(skip, p, new_p, out=p)
 
 
-def _orthogonalize(m: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
-    """Muon's quintic Newton-Schulz iteration towards the nearest orthogonal matrix of `m` (2-D), in bfloat16:
-    the iteration of `torch.optim.Muon` (Jordan et al., 2024), written out here only because
-    `MuonWithAdamW._muon_step_unless` needs Muon's update without Muon's in-place writes."""
+def _orthogonalize(
+    m: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration towards the nearest orthogonal matrix of `m` (2-D), in `dtype`:
+    the iteration of `torch.optim.Muon` (Jordan et al., 2024), written out here because
+    `MuonWithAdamW._muon_step_unless` needs Muon's update without Muon's in-place writes, and in float32
+    where bfloat16 is emulated."""
     a, b, c = coefficients
     tall = m.size(0) > m.size(1)
-    x = m.bfloat16()
+    x = m.to(dtype)
     if tall:
         x = x.T
     x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1

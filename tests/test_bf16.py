@@ -149,3 +149,16 @@ def test_fit_with_compile(corpus):
     assert counters["stats"]["unique_graphs"] >= 1  # the blocks did go through torch.compile
     assert ckpt["global_step"] == 2
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # compiled in place: the usual keys
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_fit_trains_in_bf16_only_where_the_hardware_computes_it(native, monkeypatch, capsys):
+    # A config without trainer.precision gets bf16-mixed where bfloat16 is native and float32 where it would be
+    # emulated; the tutorial's recipe pins float32 whatever the hardware.
+    from minigpt.commands import train
+
+    monkeypatch.setattr(train, "native_bf16", lambda device: native)
+    for recipe, expected in (("tiny", "bf16-mixed" if native else "32-true"), ("seed", "32-true")):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", recipe, "--print_config"])
+        assert f"precision: {expected}\n" in capsys.readouterr().out, recipe

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from minigpt import optim
 from minigpt.config import GPTConfig
 from minigpt.lit_module import LitMiniGPT
 from minigpt.model import GPT
@@ -24,9 +25,10 @@ def split(model):
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
 
 
-def combined(model, fused=None):
+def combined(model, fused=None, ns_dtype=torch.bfloat16):
+    # bfloat16 (torch.optim.Muon's own) whatever the machine, so a step can be held to torch's bit for bit.
     muon, groups = split(model)
-    return MuonWithAdamW(muon, groups, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=fused)
+    return MuonWithAdamW(muon, groups, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=fused, ns_dtype=ns_dtype)
 
 
 def train(model, opt, x, y, steps, scheduler=None):
@@ -71,6 +73,31 @@ def test_steps_like_muon_and_adamw_side_by_side(found_inf):
     for p, q in zip(opt.muon.param_groups[0]["params"], parts[0].param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["momentum_buffer"], parts[0].state[q]["momentum_buffer"])
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # every weight learned
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_newton_schulz_runs_in_bfloat16_only_where_it_is_native(monkeypatch, native):
+    monkeypatch.setattr(optim, "native_bf16", lambda device: native)
+    model, _, _ = model_and_batch()
+    assert combined(model, ns_dtype=None).ns_dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_float32_newton_schulz_steps_like_muon_within_bfloat16_rounding():
+    # The float32 iteration is Muon's iteration computed more exactly: its steps stay within bfloat16's
+    # rounding of torch.optim.Muon's, skipping through found_inf changes nothing, and it is not the bf16 path.
+    model, x, y = model_and_batch()
+    ref, skippable = copy.deepcopy(model), copy.deepcopy(model)
+    runs = [(model, combined(model, True, torch.float32)), (ref, combined(ref, True)),
+            (skippable, combined(skippable, True, torch.float32))]  # fmt: skip
+    runs[2][1].found_inf = torch.tensor(0.0)
+    for m, opt in runs:
+        train(m, opt, x, y, 3)
+    matrices = {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    for (name, a), b, c in zip(model.named_parameters(), ref.parameters(), skippable.parameters()):
+        assert torch.equal(a, c), name
+        if name in matrices:
+            assert not torch.equal(a, b), name
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
 
 
 def test_a_scheduler_drives_both_halves():

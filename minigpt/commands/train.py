@@ -42,6 +42,7 @@ from minigpt.configs import resolve_config_args
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
+from minigpt.hardware import native_bf16
 from minigpt.lit_module import LitMiniGPT
 
 log = logging.getLogger(__name__)
@@ -351,9 +352,15 @@ def _build_and_run(command: str, argv: list[str], terminal: bool, callbacks: lis
             # A bar in a log file is noise: ProgressLog prints plain lines there instead.
             **({} if terminal else {"enable_progress_bar": False}),
             "callbacks": callbacks,
-            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+            "precision": default_precision(),
         },
     )
+
+
+def default_precision() -> str:
+    """The Trainer's precision when the config sets none: bf16-mixed where the device that trains (a GPU when
+    there is one) computes bfloat16 natively, and 32-true elsewhere (emulated bfloat16 would be slower)."""
+    return "bf16-mixed" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "32-true"
 
 
 def _print_next_steps(trainer: Trainer, stop: GracefulStop) -> None:

@@ -1,0 +1,27 @@
+"""What the hardware computes natively, for choices that depend on it (never on a machine's name or speed).
+
+A CPU without bfloat16 instructions emulates bfloat16 matrix products in software, many times slower than
+float32 ones; CUDA GPUs of compute capability 8.0 and newer, and x86 CPUs with AVX512-BF16 or AMX, compute
+them natively and faster than float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (faster than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
+    return False
+
+
+def _cpu_has(probe: str) -> bool:
+    # torch.cpu's instruction-set probes are private (underscored) and x86-only; a torch without one, or
+    # another architecture, answers False: the float32 path is the safe default.
+    check = getattr(torch.cpu, probe, None)
+    return bool(check()) if callable(check) else False

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from minigpt.hardware import native_bf16
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_cpu_bf16_is_native_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert native_bf16("cpu") is expected
+    assert native_bf16(torch.device("cpu")) is expected
+
+
+def test_a_torch_without_the_probes_takes_the_float32_path(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert native_bf16("cpu") is False
+
+
+def test_cuda_asks_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert native_bf16("cuda") is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert native_bf16("cuda") is False
