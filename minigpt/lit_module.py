@@ -76,12 +76,15 @@ class LitMiniGPT(pl.LightningModule):
         lr: float = 1e-2,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: Literal["step", "cosine", "constant"] = "step",
+        muon_momentum: float = 0.95,
+        muon_ns_steps: int = 5,
+        scheduler: Literal["step", "cosine", "wsd", "constant"] = "step",
         step_size: int = 10_000,
         gamma: float = 0.9,
         warmup_steps: int = 0,
         decay_steps: int | None = None,
         min_lr: float = 0.0,
+        decay_fraction: float = 0.2,
         init_from: str | None = None,
         compile: bool = False,
         loss_kernel: LossKernel = "auto",
@@ -96,8 +99,11 @@ class LitMiniGPT(pl.LightningModule):
             lr: peak learning rate.
             weight_decay: weight decay (see ``optimizer``).
             betas: Adam's betas.
+            muon_momentum: "muon": the (Nesterov) momentum of Muon's half.
+            muon_ns_steps: "muon": Newton-Schulz steps that orthogonalise each update (5 is Muon's default).
             scheduler: "step" (the tutorial's StepLR, stepped every optimizer step), "cosine"
-                (linear warmup then cosine to ``min_lr`` at ``decay_steps``) or "constant".
+                (linear warmup then cosine to ``min_lr`` at ``decay_steps``), "wsd" (warmup, then the peak rate,
+                then a linear decay to ``min_lr`` over the last ``decay_fraction`` of the decay) or "constant".
             step_size: StepLR: multiply the rate by ``gamma`` every this many steps.
             gamma: StepLR factor.
             warmup_steps: linear warmup steps ("cosine" and "constant").
@@ -105,7 +111,8 @@ class LitMiniGPT(pl.LightningModule):
                 the run's budget: the rate reaches ``min_lr`` when the first of the Trainer's limits
                 (``max_steps``, ``max_time``, ``max_epochs``) ends the run; with ``max_time`` the progress
                 is the fraction of the time spent (Lightning's ``Timer``, whose state a checkpoint keeps).
-            min_lr: "cosine": final learning rate.
+            min_lr: "cosine" and "wsd": final learning rate.
+            decay_fraction: "wsd": the share of the steps after warmup spent decaying.
             init_from: a minigpt checkpoint whose weights start this run (fine-tuning); its
                 vocabulary must equal the data's.
             compile: ``torch.compile`` the Transformer blocks (in place, so checkpoints keep their keys).
@@ -121,6 +128,10 @@ class LitMiniGPT(pl.LightningModule):
             raise UserError(f"model.lr must be a positive number, got {lr}")
         if decay_steps is not None and decay_steps <= warmup_steps:
             raise UserError(f"model.decay_steps must be > model.warmup_steps ({warmup_steps}), got {decay_steps}")
+        if not 0 < decay_fraction <= 1:
+            raise UserError(f"model.decay_fraction must be in (0, 1], got {decay_fraction}")
+        if muon_ns_steps < 1 or not 0 <= muon_momentum < 1:
+            raise UserError("model.muon_ns_steps must be >= 1 and model.muon_momentum in [0, 1)")
         if step_size < 1 or warmup_steps < 0:
             raise UserError("model.step_size must be >= 1 and model.warmup_steps >= 0")
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
@@ -316,7 +327,7 @@ class LitMiniGPT(pl.LightningModule):
             if muon:
                 opt = MuonWithAdamW(
                     muon, groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-                    fused=self._fused_optimizer(),
+                    momentum=hp.muon_momentum, ns_steps=hp.muon_ns_steps, fused=self._fused_optimizer(),
                 )  # fmt: skip
             else:
                 opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_optimizer())
@@ -355,11 +366,14 @@ class LitMiniGPT(pl.LightningModule):
             return (step + 1) / hp.warmup_steps
         if hp.scheduler == "constant":
             return 1.0
-        floor = hp.min_lr / hp.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * self._decay_progress(step)))
+        floor, progress = hp.min_lr / hp.lr, self._decay_progress(step)
+        if hp.scheduler == "wsd":
+            return floor + (1 - floor) * min(1.0, (1 - progress) / hp.decay_fraction)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _decay_progress(self, step: int) -> float:
-        """Fraction in [0, 1] of the cosine decay done after `step` optimizer steps."""
+        """Fraction in [0, 1] of the steps after warmup done after `step` optimizer steps (of the decay steps, or
+        of the run's budget)."""
         warmup, decay_steps = self.hparams.warmup_steps, self.hparams.decay_steps
         if decay_steps is not None:
             return min(1.0, (step - warmup) / (decay_steps - warmup))
@@ -384,8 +398,9 @@ class LitMiniGPT(pl.LightningModule):
             done.append((step - warmup) / max(1, trainer.max_epochs * per_epoch - warmup))
         if not done:
             raise UserError(
-                "model.scheduler cosine with model.decay_steps null follows the Trainer's limit, but this run "
-                "has none it can measure: set --trainer.max_steps, --trainer.max_time or model.decay_steps"
+                f"model.scheduler {self.hparams.scheduler} with model.decay_steps null follows the Trainer's limit, "
+                "but this run has none it can measure: set --trainer.max_steps, --trainer.max_time or "
+                "model.decay_steps"
             )
         return min(1.0, max(done))
 

@@ -36,6 +36,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         weight_decay: float,
         betas: tuple[float, float],
         momentum: float = 0.95,
+        ns_steps: int = 5,
         fused: bool | None = None,
         ns_dtype: torch.dtype | None = None,
     ):
@@ -47,13 +48,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
             weight_decay: Muon's decoupled weight decay (AdamW's comes with its groups).
             betas: AdamW's betas.
             momentum: Muon's (Nesterov) momentum.
+            ns_steps: Newton-Schulz steps per update.
             fused: AdamW's ``fused``.
             ns_dtype: the dtype of the Newton-Schulz iteration: ``torch.bfloat16`` (``torch.optim.Muon``'s own) or
                 ``torch.float32``; None picks bfloat16 where the matrices' device computes it natively, else float32.
         """
         self.muon = torch.optim.Muon(
-            muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
-        )
+            muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
+            adjust_lr_fn="match_rms_adamw",
+        )  # fmt: skip
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=fused)
         if ns_dtype is None:
             devices = {p.device for g in self.muon.param_groups for p in g["params"]}

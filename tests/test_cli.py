@@ -599,23 +599,39 @@ def quality_script():
     return script
 
 
-def test_quality_script_adamw_recipe_gives_its_settings(quality_script, capsys):
-    # scripts/quality_vs_minutes.py writes its AdamW recipe as overrides of imdb.yaml; they must give back
-    # every model, optimizer and data setting of that recipe (written out here).
-    with pytest.raises(SystemExit):
-        main(["fit", *quality_script.RECIPES["previous recipe"], "--print_config"])
-    cfg = yaml.safe_load(capsys.readouterr().out)
-    old = {
-        "config": dict(n_embd=200, n_layer=2, n_head=2, d_ff=800, dropout=0.0, positional="learned", norm_first=True,
-                       activation="gelu", scale_embedding=False, head="adaptive", adaptive_cutoffs=[2000, 10000],
-                       adaptive_div_value=4.0, tie_weights=False),
-        "model": dict(optimizer="adamw", lr=0.004, weight_decay=0.01, scheduler="cosine", warmup_steps=100,
-                      min_lr=0.0004, decay_steps=None),
-        "data": dict(block_size=64, batch_size=64, sampling="packed", min_freq=1),
-    }  # fmt: skip
-    assert {k: cfg["model"]["config"][k] for k in old["config"]} == old["config"]
-    assert {k: cfg["model"][k] for k in old["model"]} == old["model"]
-    assert {k: cfg["data"][k] for k in old["data"]} == old["data"]
+@pytest.fixture
+def levers_script(quality_script, monkeypatch):
+    """scripts/levers.py as a module (it imports its sibling script by name, as `python scripts/levers.py` does)."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "quality_vs_minutes", quality_script)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "levers.py"
+    spec = importlib.util.spec_from_file_location("levers", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_every_lever_changes_the_recipe_where_it_says(levers_script, capsys):
+    # A lever whose options left the recipe as it is would measure nothing: each must change exactly the
+    # settings it names.
+    def settings(options):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", "imdb", *options, "--print_config"])
+        return flatten(yaml.safe_load(capsys.readouterr().out))
+
+    recipe = settings([])
+    for name, (what, options) in levers_script.LEVERS.items():
+        changed = {k for k, v in settings(options).items() if recipe.get(k) != v}
+        named = {flag.removeprefix("--") for flag in options[::2]}
+        assert changed == named, (name, what)
 
 
 def test_python_dash_m_runs_the_cli():
@@ -639,10 +655,12 @@ def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path, m
     saved = []  # the figure as it is written to the file
     original = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
-    rows = [{"minutes": m, "test": {"bits_per_character": 2.0 / m}} for m in (1, 2, 5, 10)]
-    other = [{"minutes": m, "test": {"bits_per_character": 3.0 - m / 10}} for m in (1, 2)]
+    rows = [{"minutes": m, "seed": 42, "test": {"bits_per_character": 2.0 / m}} for m in (1, 2, 5, 10)]
+    rows.append({"minutes": 10, "seed": 1, "test": {"bits_per_character": 9.0}})  # another seed: not in the curve
+    other = [{"minutes": m, "seed": 42, "test": {"bits_per_character": 3.0 - m / 10}} for m in (1, 2)]
     out = tmp_path / "q.png"
-    quality_script.plot({"a": rows, "b": other}, out, max_docs=1000)
+    quality_script.plot({"imdb": rows, "seed": other}, out, max_docs=1000)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(saved) == 1
     curves = {line.get_label(): line.get_xydata().tolist() for line in saved[0].axes[0].get_lines()}
-    assert curves == {"a": [[1, 2.0], [2, 1.0], [5, 0.4], [10, 0.2]], "b": [[1, 2.9], [2, 2.8]]}
+    assert curves == {quality_script.RECIPES["imdb"]: [[1, 2.0], [2, 1.0], [5, 0.4], [10, 0.2]],
+                      quality_script.RECIPES["seed"]: [[1, 2.9], [2, 2.8]]}  # fmt: skip

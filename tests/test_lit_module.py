@@ -206,6 +206,12 @@ def test_lr_schedules():
     assert lit._lr_factor(60) == pytest.approx(0.55) and lit._lr_factor(110) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="decay_steps must be > model.warmup_steps"):
         LitMiniGPT(cfg, scheduler="cosine", warmup_steps=10, decay_steps=10)
+    # warmup-stable-decay: the peak rate until the last decay_fraction of the steps after warmup, then linear.
+    wsd = LitMiniGPT(cfg, scheduler="wsd", lr=1.0, warmup_steps=10, decay_steps=110, min_lr=0.1, decay_fraction=0.2)
+    assert [wsd._lr_factor(s) for s in (0, 9, 10, 60, 90)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0])
+    assert [wsd._lr_factor(s) for s in (95, 100, 110, 200)] == pytest.approx([0.775, 0.55, 0.1, 0.1])
+    with pytest.raises(ValueError, match="decay_fraction must be in"):
+        LitMiniGPT(cfg, scheduler="wsd", decay_fraction=0.0)
     opt = LitMiniGPT(cfg).configure_optimizers()
     assert isinstance(opt["optimizer"], torch.optim.Adam) and opt["lr_scheduler"]["interval"] == "step"
     assert isinstance(opt["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)

@@ -153,9 +153,11 @@ def test_found_inf_skips_the_whole_step_on_the_device(bad, first_step):
 
 def test_lit_module_builds_muon_with_adamw_for_the_rest():
     cfg = GPTConfig.tiny(vocab_size=50, block_size=8)
-    lit = LitMiniGPT(cfg, optimizer="muon", lr=3e-3, weight_decay=0.1, scheduler="constant")
+    lit = LitMiniGPT(cfg, optimizer="muon", lr=3e-3, weight_decay=0.1, scheduler="constant", muon_momentum=0.9,
+                     muon_ns_steps=3)  # fmt: skip
     opt = lit.configure_optimizers()["optimizer"]
     assert isinstance(opt, MuonWithAdamW)
+    assert (opt.muon.param_groups[0]["momentum"], opt.muon.param_groups[0]["ns_steps"]) == (0.9, 3)
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert muon == {id(p) for p in hidden_matrices(lit.model.transformer.h)}

@@ -1,0 +1,100 @@
+"""What each setting of the recommended recipe is worth: the recipe against itself with one lever changed.
+
+    python scripts/levers.py --archive aclImdb_v1.tar.gz [--minutes 3] [--levers NAME ...] [--max_docs 1000]
+        [--root runs/levers] [--json docs/levers.json]
+
+Every row is a `minigpt fit --config imdb` run of `--minutes` wall-clock minutes with the lever's options
+added (the first row adds none: the recipe itself), one run after the other so each has the machine to
+itself; the schedule follows the budget, as in a run of that length. Each run is scored with `minigpt
+evaluate --split val` on `--max_docs` validation reviews spread evenly (the test split stays for the
+headline number of scripts/quality_vs_minutes.py). A lever in the recipe is measured by taking it out, a
+lever that is not by putting it in; the effect is the change of validation bits per character against the
+recipe's row of the same invocation. One run per row: differences of about 0.01 are within the noise of the
+machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, as `python scripts/levers.py` sees it
+from quality_vs_minutes import ROOT, config_digests, kept_or_run, machine, max_time, minigpt, score, train  # noqa: E402
+
+M = "--model.config."
+# name -> (what it changes, the options that change it). Options are overrides of configs/imdb.yaml.
+LEVERS: dict[str, tuple[str, list[str]]] = {
+    "recipe": ("configs/imdb.yaml as it is", []),
+    "adamw": ("AdamW for the blocks' matrices too, instead of Muon", ["--model.optimizer", "adamw"]),
+    "muon_ns3": ("Muon with 3 Newton-Schulz steps instead of 5", ["--model.muon_ns_steps", "3"]),
+    "learned": ("learned absolute positions instead of rotary", [M + "positional", "learned"]),
+    "layernorm": ("LayerNorm instead of RMSNorm", [M + "norm", "layernorm"]),
+    "gelu": ("GELU instead of ReLU²", [M + "activation", "gelu"]),
+    "swiglu": ("SwiGLU (d_ff 536, as many weights) instead of ReLU²", [M + "activation", "swiglu", M + "d_ff", "536"]),
+    "no_qk_norm": ("no QK-norm", [M + "qk_norm", "false"]),
+    "no_zero_init": ("Xavier-initialised output projections instead of zeros", [M + "zero_init_proj", "false"]),
+    "bias": ("biases in the blocks", [M + "bias", "true"]),
+    "block128": ("128-token blocks, 32 per batch (the same tokens per step)",
+                 ["--data.block_size", "128", "--data.batch_size", "32"]),  # fmt: skip
+    "block32": ("32-token blocks, 128 per batch", ["--data.block_size", "32", "--data.batch_size", "128"]),
+    "batch32": ("32 blocks per batch instead of 64 (more steps of half the tokens)", ["--data.batch_size", "32"]),
+    "unsup": ("the 50,000 unlabelled reviews as extra training text", ["--data.include_unsup", "true"]),
+    "min_freq1": ("every word of the training text in the vocabulary (min_freq 1)", ["--data.min_freq", "1"]),
+    "lr5e-3": ("learning rate 5e-3 instead of 1e-2", ["--model.lr", "0.005"]),
+    "lr2e-2": ("learning rate 2e-2 instead of 1e-2", ["--model.lr", "0.02"]),
+    "width256": ("width 256, 4 heads, d_ff 1024", [M + "n_embd", "256", M + "n_head", "4", M + "d_ff", "1024"]),
+    "layers3": ("3 layers instead of 2", [M + "n_layer", "3"]),
+    "layers1": ("1 layer instead of 2", [M + "n_layer", "1"]),
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None, extra: dict[str, tuple[str, list[str]]] | None = None) -> dict:
+    """Run the levers; `extra` adds levers of the caller's to the table (a screen of candidates)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archive", required=True, help="aclImdb_v1.tar.gz")
+    parser.add_argument("--config", default="imdb", help="the recipe the levers change (a file or a recipe name)")
+    parser.add_argument("--minutes", type=float, default=3.0, help="training minutes per run")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=[*LEVERS, *(extra or {})])
+    parser.add_argument("--max_docs", type=int, default=1000, help="validation reviews scored per run (0: all)")
+    parser.add_argument("--root", default="runs/levers", help="folder for the runs")
+    parser.add_argument("--json", default=str(ROOT / "docs/levers.json"))
+    args = parser.parse_args(argv)
+    if not Path(args.archive).is_file():
+        parser.error(f"--archive {args.archive} is not a file; pass the path of aclImdb_v1.tar.gz")
+    names = ["recipe", *(n for n in args.levers if n != "recipe")]  # every effect is against the recipe's row
+    levers = {**LEVERS, **(extra or {})}
+
+    report = {"machine": machine(), "date": datetime.date.today().isoformat(), "minutes": args.minutes,
+              "max_docs": args.max_docs, "command": " ".join(["python", "scripts/levers.py", *(argv or sys.argv[1:])]),
+              "rows": []}  # fmt: skip
+    for name in names:
+        what, options = levers[name]
+        folder = Path(args.root) / name
+        fit = minigpt("fit", "--config", args.config, "--data.archive", args.archive,
+                      "--trainer.max_time", max_time(args.minutes), *options)  # fmt: skip
+        key = {"command": fit[1:], "configs": config_digests(fit), "max_docs": args.max_docs}
+
+        def work() -> dict:
+            ckpt, row = train(fit, folder, args.minutes * 60)
+            return {**row, "val": score(ckpt, folder, "val", args.max_docs)}
+
+        start = time.time()
+        row = {"lever": name, "what": what, "options": options, **kept_or_run(folder, key, work)}
+        bpc = row["val"]["bits_per_character"]
+        row["effect"] = bpc - report["rows"][0]["val"]["bits_per_character"] if report["rows"] else 0.0
+        report["rows"].append(row)
+        print(
+            f"{name:14s} {row['steps']:>6,} steps  val {bpc:.4f} bits/char  ({row['effect']:+.4f})  "
+            f"<unk> {row['val'].get('unk_rate', 0):.2%}  ({time.time() - start:.0f} s)",
+            flush=True,
+        )
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
