@@ -6,17 +6,21 @@ and ``json`` blocks are not run. Each example, by its exact text, is in exactly 
 * ``RUN_AS_WRITTEN``: run as it stands;
 * ``SUBSTITUTED``: run after the listed replacements, which keep the command and bound its cost
   (a 10-minute ``minigpt fit`` becomes a few steps of the tiny recipe);
-* ``NOT_RUNNABLE``: not run here, with the reason (network, GPUs, tens of minutes).
+* ``NOT_RUNNABLE``: not run here, with the reason (network, GPUs, tens of minutes, a fixed port).
 
 An example in none of them (or in two) fails `test_every_example_is_classified`, and so does a table
-entry that matches no example: a new or edited example is never skipped silently.
+entry that matches no example: a new or edited example is never skipped silently. An example passes
+when it exits with status 0, leaves no process running (a server it starts, it stops) and prints what
+``OUTPUT_HOLDS`` or the page's ``text`` block after it (``SHOWN_OUTPUT``) says it prints.
 
 The examples of one page run in order, in one folder, as a reader following the page would run
-them. That folder starts as a copy of the workspace `workspace` prepares once per module: a tiny
-trained run at ``lightning_logs/version_0``, a small synthetic ``aclImdb_v1.tar.gz`` (also in the data
-cache, where ``--data.download true`` puts the real one, so every example's data is prepared in
-seconds), ``reviews.txt`` and a tiny random GPT-2 folder ``gpt2/``. HOME, the data cache and the
-Hugging Face cache are temporary. Pages run in parallel, one process per core.
+them. That folder starts as a copy of the workspace `workspace` prepares once per module: the README's
+``minigpt fit --config tiny`` (``WORKSPACE_RUN``, run there once for every page, not again on its own
+page) leaves a tiny trained run at ``lightning_logs/version_0``; beside it lie a small synthetic
+``aclImdb_v1.tar.gz`` (also in the data cache, where ``--data.download true`` puts the real one, so
+every example's data is prepared in seconds), ``reviews.txt`` and a tiny random GPT-2 folder ``gpt2/``.
+HOME, the data cache and the Hugging Face cache are temporary. Pages run in parallel, one process per core,
+each process with one core's share of torch threads.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,14 +47,28 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TINY = shlex.quote(str(ROOT / "configs" / "tiny.yaml"))
 EXAMPLE_LANGUAGES = ("bash", "python")
 OTHER_LANGUAGES = ("text", "yaml", "json")
+CPUS = os.cpu_count() or 1
+PAGE_WORKERS = max(1, min(4, CPUS))  # pages run at once
 TIMEOUT_S = 600  # per example: a hang fails instead of blocking the suite (a busy 2-core machine needs minutes)
+
+# README.md's tiny run: the workspace runs it once, and every page starts from the run it leaves.
+WORKSPACE_RUN = "minigpt fit --config tiny"
+
+SERVE_SESSION = """minigpt serve --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --port 0 2> server.log &
+server=$!
+for _ in $(seq 120); do api=$(grep -o "http://[^ ]*/v1" server.log) && break; sleep 0.5; done
+curl -s $api/completions -H "Content-Type: application/json" \\
+    -d '{"prompt": "the movie was", "max_tokens": 20, "seed": 1}' && echo
+curl -sN $api/chat/completions -H "Content-Type: application/json" \\
+    -d '{"messages": [{"role": "user", "content": "was the movie good?"}], "max_tokens": 20, "stream": true}'
+kill $server && wait $server"""
 
 RUN_AS_WRITTEN = {
     # README.md
     'minigpt generate --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --prompt "the movie was"\n'
     "minigpt evaluate --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt",
     "minigpt --version",
-    "minigpt fit --config tiny",
+    WORKSPACE_RUN,
     """import torch
 
 from minigpt import GPT, GPTConfig, SamplingConfig, generate_text, load_model
@@ -81,8 +101,29 @@ print(prompt, text)  # generate_text returns the continuation only
 (result,) = generate(model, tokenizer.encode(prompt), SamplingConfig.greedy(10), stop_ids=[tokenizer.eot_index])
 print(prompt, tokenizer.decode(result.tokens, tidy=True), result.stop_reason)  # "eos" or "length" (max_new_tokens)""",
     "minigpt evaluate --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --text_file reviews.txt --json",
+    # docs/huggingface.md: the workspace's run exported, compared and read back, then loaded with transformers
+    "minigpt convert --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --to_hf imdb-gpt\n"
+    "minigpt compare --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --hf_model imdb-gpt "
+    "--text_file reviews.txt\n"
+    "minigpt convert --from_hf imdb-gpt --out imdb-gpt.ckpt",
+    """import minigpt  # noqa: F401  (registers model_type "minigpt" with transformers' Auto classes)
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+model = AutoModelForCausalLM.from_pretrained("imdb-gpt")
+tokenizer = AutoTokenizer.from_pretrained("imdb-gpt")
+generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+print(generate("the movie was", max_new_tokens=20)[0]["generated_text"])""",
+    """from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("imdb-gpt", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("imdb-gpt", trust_remote_code=True)
+inputs = tokenizer(["the movie was", "it"], return_tensors="pt", padding=True, padding_side="left")
+outputs = model.generate(**inputs, do_sample=False, max_new_tokens=20)  # greedy
+print(tokenizer.batch_decode(outputs, skip_special_tokens=True))""",
     # docs/huggingface.md (after the fine-tuning example above it on the page)
     "minigpt convert --ckpt_path gpt2-imdb/lightning_logs/version_0/checkpoints/last.ckpt --to_hf gpt2-imdb/hf",
+    # docs/serving.md: a server on a free port, two requests, stopped by the example
+    SERVE_SESSION,
     # docs/results.md
     'minigpt generate --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --prompt "the movie was" \\\n'
     "    --num_samples 5 --max_new_tokens 40 --temperature 0.8 --top_k 50 --top_p 0.95 --seed 0",
@@ -146,7 +187,35 @@ NOT_RUNNABLE = {
     "minigpt fit --trainer.accelerator gpu --trainer.devices 8 --trainer.num_nodes 4 --trainer.strategy ddp\n"
     "minigpt fit --trainer.devices 8 --trainer.strategy fsdp --trainer.precision bf16-mixed --model.optimizer adamw":
     "needs 8 GPUs, and 4 nodes for the second line",
+    # docs/serving.md
+    'pip install -e ".[serve]"': "installs from the package index (network); the dev extra the tests run with "
+    "holds the same packages",
+    """from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused-without---api_key")
+
+reply = client.completions.create(model="minigpt", prompt="the movie was", max_tokens=30, seed=1)
+print(reply.choices[0].text, reply.choices[0].finish_reason, reply.usage)
+
+for chunk in client.completions.create(model="minigpt", prompt="the acting", max_tokens=30, stream=True,
+                                       extra_body={"top_k": 20}):
+    print(chunk.choices[0].text, end="", flush=True)
+print()
+
+chat = client.chat.completions.create(
+    model="minigpt", messages=[{"role": "user", "content": "was the movie good?"}], max_tokens=30
+)
+print(chat.choices[0].message.content)""": "talks to a server on port 8000, which a test cannot count on being "
+    "free; tests/test_serve.py makes these calls with the openai client against a server on a free port",
+    "python scripts/bench_serve.py --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt": "minutes of load "
+    "(1, 4 and 16 streaming clients against two servers, then a 1,000-request soak)",
 }  # fmt: skip
+
+# Examples whose output must hold these strings (what the page says it prints). A curl that gets an
+# HTTP error still exits with status 0, so the server session is checked by what it printed.
+OUTPUT_HOLDS = {
+    SERVE_SESSION: ('"object":"text_completion"', '"object": "chat.completion.chunk"', "data: [DONE]"),
+}
 
 # Examples whose output the page shows in the ```text block right after them: each shown line must
 # be a line of the output, except lines starting with these words (timings, the cache path).
@@ -211,6 +280,43 @@ def runnable_text(example: Fence) -> str:
     return text
 
 
+def _run(example: Fence, folder: Path, env: dict) -> subprocess.CompletedProcess | str:
+    """Run one example in `folder`: its result, or why it failed to finish.
+
+    It runs in a session of its own, so that whatever it leaves running (a server it did not stop) is
+    found, stopped and reported, as is a hang. Output goes to files, which a leftover process cannot hold open.
+    """
+    text = runnable_text(example)
+    command = ["bash", "-euo", "pipefail", "-c", text] if example.language == "bash" else [sys.executable, "-c", text]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            process.wait(timeout=TIMEOUT_S)
+            failure = None
+        except subprocess.TimeoutExpired:
+            failure = f"did not finish within {TIMEOUT_S} s"
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+            failure = failure or "exited but left processes running (stopped now); an example stops what it starts"
+        except ProcessLookupError:
+            pass  # nothing of its session is left
+        process.wait()
+        if failure:
+            return failure
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+
+
+def _example(text: str) -> Fence:
+    found = [e for e in EXAMPLES if e.text == text]
+    assert found, f"no page has the example {text!r} any more"
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict:
     """The folder each page's examples start from, and the environment they run in (see the module docstring)."""
@@ -227,43 +333,34 @@ def workspace(tmp_path_factory) -> dict:
         "MINIGPT_CACHE": str(cache),
         "HF_HOME": str(top / "hf_home"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # torch's threads per process: its default (one per core) in every one of the pages running at once
+        # oversubscribes the cores, and the tiny models' many small operations then wait on each other's
+        # threads (on a busy 2-core machine a tiny model's generation took 3 to 8 times as long).
+        "OMP_NUM_THREADS": str(max(1, CPUS // PAGE_WORKERS)),
     }
     env.pop("MINIGPT_DEBUG", None)
-    fit = subprocess.Popen(
-        ["minigpt", "fit", "--config", str(ROOT / "configs" / "tiny.yaml")],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    # Built while the run trains: importing test_hf (and with it Lightning and transformers) takes seconds.
-    import transformers
-    from test_hf import EOT, _tiny_gpt2, _train_bpe
+    first = _example(WORKSPACE_RUN)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fit = pool.submit(_run, first, project, env)
+        # Built while the run trains: importing test_hf (and with it Lightning and transformers) takes seconds.
+        import transformers
+        from test_hf import EOT, _tiny_gpt2, _train_bpe
 
-    tok = _train_bpe()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT)
-    fast.save_pretrained(project / "gpt2")
-    _tiny_gpt2(tok.get_vocab_size(), tok.token_to_id(EOT), n_positions=128).save_pretrained(project / "gpt2")
-    _, err = fit.communicate(timeout=TIMEOUT_S)
-    assert fit.returncode == 0, f"the workspace's tiny run failed:\n{err[-3000:]}"
+        tok = _train_bpe()
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT)
+        fast.save_pretrained(project / "gpt2")
+        _tiny_gpt2(tok.get_vocab_size(), tok.token_to_id(EOT), n_positions=128).save_pretrained(project / "gpt2")
+        result = fit.result()
+    assert not isinstance(result, str) and result.returncode == 0, f"the workspace's tiny run failed: {result}"
     assert (project / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
-    return {"top": top, "project": project, "env": env}
+    return {"top": top, "project": project, "env": env, "done": {first.id: result}}
 
 
 def _run_page(page: str, examples: list[Fence], workspace: dict) -> dict[str, subprocess.CompletedProcess | str]:
     folder = workspace["top"] / "pages" / page.replace("/", "_")
     shutil.copytree(workspace["project"], folder)
-    results: dict[str, subprocess.CompletedProcess | str] = {}
-    for example in examples:
-        text = runnable_text(example)
-        command = (
-            ["bash", "-euo", "pipefail", "-c", text] if example.language == "bash" else [sys.executable, "-c", text]
-        )
-        try:
-            results[example.id] = subprocess.run(
-                command, cwd=folder, env=workspace["env"], capture_output=True, text=True, timeout=TIMEOUT_S,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            results[example.id] = f"did not finish within {TIMEOUT_S} s"
-    return results
+    done = workspace["done"]  # the workspace's own run stands for that example: its folder already holds the run
+    return {e.id: done[e.id] if e.id in done else _run(e, folder, workspace["env"]) for e in examples}
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +371,7 @@ def page_runs(workspace, request) -> dict[str, Future]:
         for item in request.session.items
         if getattr(item, "originalname", None) == "test_example_runs" and hasattr(item, "callspec")
     }
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=PAGE_WORKERS)
     request.addfinalizer(lambda: pool.shutdown(wait=True))
     by_page: dict[str, list[Fence]] = {}
     for example in RUNNABLE:
@@ -314,6 +411,8 @@ def test_example_runs(example: Fence, page_runs):
         f"{example.id} exited with {result.returncode}:\n{runnable_text(example)}\n"
         f"--- stdout ---\n{result.stdout[-2000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
     )
+    for expected in OUTPUT_HOLDS.get(example.text, ()):
+        assert expected in result.stdout, f"{example.id} no longer prints {expected!r}; it prints:\n{result.stdout}"
     varying = SHOWN_OUTPUT.get(example.text)
     if varying is not None:
         assert example.shown is not None, f"{example.id}: the page no longer shows this example's output"

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from minigpt.cache import SlotCache
 from minigpt.generation import SamplingConfig, Tokenizer, banned_special_ids, sample_next
-from minigpt.kernels import decode_head
+from minigpt.kernels.decode_head import decode_head
 from minigpt.model import GPT
 
 log = logging.getLogger("minigpt.serve")
@@ -225,7 +225,7 @@ class Scheduler:
             last = torch.stack([job._seq[job._n - 1 : job._n] for job in self._decoding])  # (rows, 1)
             self.cache.rows = rows
             hidden = self.model.hidden_states(last, cache=self.cache)
-            logits = decode_head(self.model, rows)(hidden[:, -1])  # (rows, V)
+            logits = _head(self.model, rows)(hidden[:, -1])  # (rows, V)
             scored += [(job, logits[r : r + 1]) for r, job in enumerate(self._decoding)]
         for job in self._sliding:
             self._scratch.reset()
@@ -248,7 +248,7 @@ class Scheduler:
     def _head_of_last(self, idx: Tensor, cache) -> Tensor:
         """(1, V) scores of the token after (1, T) ids, read alone through a batch-1 `cache`."""
         hidden = self.model.hidden_states(idx, cache=cache)
-        return decode_head(self.model, 1)(hidden[:, -1])
+        return _head(self.model, 1)(hidden[:, -1])
 
     def _start(self, job: Job) -> None:
         job._generator = torch.Generator(device=self.device).manual_seed(job.seed)
@@ -352,3 +352,12 @@ def _stable(text: str, stop: Sequence[str]) -> str:
                 hold = k
                 break
     return text[: len(text) - hold]
+
+
+def _head(model: GPT, rows: int) -> Callable[[Tensor], Tensor]:
+    """The output head of a decoding step of `rows` rows: (rows, C) hidden states -> (rows, V) scores.
+    A linear head goes through `minigpt.kernels.decode_head` (as `minigpt generate`'s does); the adaptive
+    softmax is not one linear layer and has no packed form."""
+    if model.config.head == "linear":
+        return decode_head(model.lm_head.weight, model.lm_head.bias, rows)
+    return model.head_logits
