@@ -621,9 +621,10 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
 # -- the benchmark script ----------------------------------------------------------------------------
 
 
-# Seconds each contender's run takes under the fake timer (the per-token rows take DEFAULT_SECONDS).
-BENCH_SECONDS = {"minigpt_generate": 0.5, "tutorial_loop": 2.0, "recompute_last": 1.0, "hf_generate": 0.75,
-                 "hf_loop": 0.375}  # fmt: skip
+# Seconds each contender's run takes under the fake timer (the per-token rows take DEFAULT_SECONDS);
+# minigpt's run costs what its trunk does.
+BENCH_SECONDS = {"tutorial_loop": 2.0, "recompute_last": 1.0, "hf_generate": 0.75, "hf_loop": 0.375}
+TRUNK_SECONDS = {"auto": 0.5, "plain": 1.2, "one_thread": 0.6, "lean": 0.75, "lean_one_thread": 0.48}
 DEFAULT_SECONDS = 0.25
 
 
@@ -648,26 +649,40 @@ def test_bench_generate_compares_like_with_like(monkeypatch):
         fn()
         return spent[0] or DEFAULT_SECONDS
 
+    def minigpt_costing(fn):
+        def run(*args, trunk="auto"):
+            spent[0] += TRUNK_SECONDS[trunk]
+            return fn(*args, trunk=trunk)
+
+        return run
+
     for name, seconds in BENCH_SECONDS.items():
         monkeypatch.setattr(bench, name, costing(getattr(bench, name), seconds))
+    monkeypatch.setattr(bench, "minigpt_generate", minigpt_costing(bench.minigpt_generate))
     monkeypatch.setattr(bench, "timed", fake_timed)
     n = 6
     r = bench.bench(n, repeats=3, device=torch.device("cpu"), batches=(3,))
-    mine = n / BENCH_SECONDS["minigpt_generate"]
+    mine = n / TRUNK_SECONDS["auto"]
     assert r["minigpt_tok_s"] == mine == r["minigpt_cold_tok_s"]
+    for trunk in ("plain", "one_thread", "lean", "lean_one_thread"):  # a row per trunk, each its own run
+        assert r[f"trunk_{trunk}_tok_s"] == n / TRUNK_SECONDS[trunk]
+    assert r["plain_of_bound"] == 0.208  # (6 / 1.2) / (6 / 0.25): the plain trunk's row over the bound's
     assert r["tutorial_loop_tok_s"] == n / BENCH_SECONDS["tutorial_loop"]
     assert r["hf_generate_tok_s"] == n / BENCH_SECONDS["hf_generate"]
     assert r["hf_loop_tok_s"] == n / BENCH_SECONDS["hf_loop"]
     assert r["bandwidth_bound_tok_s"] == n / DEFAULT_SECONDS  # n reads of W in one timed call
     assert r["vs_tutorial"] == 4.0 and r["vs_hf"] == 1.5 and r["of_bound"] == 0.5
-    assert r["minigpt_batch3_tok_s"] == 3 * n / BENCH_SECONDS["minigpt_generate"] == 36.0
+    assert r["minigpt_batch3_tok_s"] == 3 * n / TRUNK_SECONDS["auto"] == 36.0
     assert r["hf_batch3_tok_s"] == 3 * n / BENCH_SECONDS["hf_generate"] == 24.0
     singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
-    assert len(singles) == 6  # five contenders and the cold call
+    assert len(singles) == 10  # nine contenders (minigpt's "auto" and four trunks) and the cold call
     assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1
     assert all(run["new_tokens"] == [n] for run in singles.values())
     assert bench.agreement(r["runs"]) == dict.fromkeys(singles, 1.0)  # one function: the same greedy text
     batch = [run for name, run in r["runs"].items() if name.endswith("batch 3")]
     assert len(batch) == 2 and batch[0]["prompts"] == batch[1]["prompts"] and len(batch[0]["prompts"]) == 3
     assert all(run["new_tokens"] == [n] * 3 for run in batch)
-    assert r["cold_cache"][0] == 0 < r["cold_cache"][1]  # the packed copy and measurement were made in the timed call
+    # The packed copy and the head, trunk and greedy-pick measurements were made in the timed call.
+    (heads_before, steps_before), (heads_after, steps_after) = r["cold_cache"]
+    assert heads_before == steps_before == 0 < heads_after and steps_after == 2
+    assert r["trunk"] in ("plain", "one_thread", "lean", "lean_one_thread") and r["pick"] in ("plain", "chunked")
