@@ -14,10 +14,10 @@ Each fast path here sits beside its plain reference:
   the `KVCache`) and "lean_one_thread" the same on one thread. "auto" takes the fastest of the four for
   a model and batch size, timing each followed by the step's head: the head's read evicts the trunk's
   weights from the caches, and a head on several threads wakes the threads a one-thread trunk left idle.
-- the greedy pick (`greedy_pick`): "plain" is `logits.argmax(-1)`, whose CPU kernel compares one score at
-  a time; "chunked" is `chunked_argmax`, a vectorised maximum per chunk of the vocabulary and the argmax
-  inside the winning chunk only (the same first index of the maximum); "auto" measures both once per
-  device, dtype and shape.
+- the greedy pick (`greedy_pick`): "plain" is `logits.argmax(-1)`, whose CPU kernel is several times
+  slower than a plain maximum (https://github.com/pytorch/pytorch/issues/140000); "chunked" is
+  `chunked_argmax`, a maximum per chunk of the vocabulary and the argmax inside the winning chunk only
+  (the same first index of the maximum); "auto" measures both once per device, dtype and shape.
 
 Test: tests/test_kernels.py (each fast path equals its reference; "auto" keeps the faster one) and
 tests/test_generation.py (whole generations equal for every trunk: KV cache, sliding window, left-padded
