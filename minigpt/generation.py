@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from minigpt.errors import UserError
 from minigpt.kernels.decode_head import HeadChoice, decode_head, plain_only
+from minigpt.kernels.decode_step import TrunkChoice, check_trunk, decode_trunk, greedy_pick
 from minigpt.model import GPT
 
 _MAX_UNK_SHOWN = 10  # unknown prompt words listed by name in the warning; the rest are counted
@@ -195,14 +196,14 @@ def sample_next(
 
 def _sample(logits: Tensor, s: SamplingConfig, prev_ids: Tensor | None, generator: torch.Generator | None) -> Tensor:
     if s.temperature == 0 and s.repetition_penalty == 1.0:
-        return logits.argmax(dim=-1)  # greedy first: no float copy, no softmax
+        return greedy_pick(logits)  # greedy first: no float copy, no softmax
     logits = logits.float()
     if s.repetition_penalty != 1.0 and prev_ids is not None and prev_ids.numel():
         seen = logits.gather(1, prev_ids)  # (B, L)
         seen = torch.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
         logits = logits.scatter(1, prev_ids, seen)
     if s.temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy_pick(logits)
     # Only the candidates that top-k keeps are sorted, normalised and drawn from (k scores instead of the whole
     # vocabulary): the same distribution as masking the full row, at a fraction of the cost for large vocabularies.
     candidates = None  # (B, k) vocabulary ids of the kept scores, best first
@@ -239,6 +240,7 @@ def stream(
     banned_ids: Iterable[int] = (),
     use_cache: bool = True,
     head: HeadChoice = "auto",
+    trunk: TrunkChoice = "auto",
 ) -> Iterator[list[int | None]]:
     """Generate token by token, yielding each step's choices as soon as they are made.
 
@@ -256,6 +258,9 @@ def stream(
         banned_ids: Ids never chosen (their scores become -inf before sampling), e.g. `<pad>`.
         use_cache: Use the KV cache; False recomputes the window every step (the reference).
         head: "plain" (`model.head_logits`), "packed" or "auto" (see `minigpt.kernels.decode_head`).
+        trunk: How a cached step runs its one new token per row through the blocks: "plain"
+            (`model.hidden_states`), "one_thread", "lean", "lean_one_thread" or "auto" (see
+            `minigpt.kernels.decode_step`).
 
     Yields:
         Per step, one entry per prompt: the id it chose, or None once it has stopped. A stop id is
@@ -263,10 +268,11 @@ def stream(
         stopped or after `max_new_tokens` steps.
 
     Raises:
-        UserError: empty or out-of-vocabulary prompts or banned ids.
+        UserError: empty or out-of-vocabulary prompts or banned ids, or an unknown head or trunk.
     """
+    check_trunk(trunk)
     return decode(
-        model, lambda batch_size: _GPTStep(model, batch_size, use_cache, head), prompt_ids, sampling,
+        model, lambda batch_size: _GPTStep(model, batch_size, use_cache, head, trunk), prompt_ids, sampling,
         vocab_size=model.config.vocab_size, stop_ids=stop_ids, generator=generator, banned_ids=banned_ids,
     )  # fmt: skip
 
@@ -274,12 +280,12 @@ def stream(
 def generate(
     model: GPT, prompt_ids: Sequence[int] | Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
     stop_ids: Iterable[int] | None, generator: torch.Generator | None = None, banned_ids: Iterable[int] = (),
-    use_cache: bool = True, head: HeadChoice = "auto",
+    use_cache: bool = True, head: HeadChoice = "auto", trunk: TrunkChoice = "auto",
 ) -> list[GenerationResult]:  # fmt: skip
     """One `GenerationResult` per prompt (a list of one for a single prompt); the arguments are those of `stream`."""
     stop_ids = None if stop_ids is None else tuple(stop_ids)  # read twice: by the loop and by `collect`
     steps = stream(model, prompt_ids, sampling, stop_ids=stop_ids, generator=generator, banned_ids=banned_ids,
-                   use_cache=use_cache, head=head)  # fmt: skip
+                   use_cache=use_cache, head=head, trunk=trunk)  # fmt: skip
     return collect(steps, stop_ids)
 
 
@@ -429,23 +435,32 @@ def window(seq: Tensor, pad: Tensor | None, start: int, n: int) -> tuple[Tensor,
 class _GPTStep:
     """`StepFn` of a minigpt `GPT`: the trunk over the new tokens (or the window), the head over the last."""
 
-    def __init__(self, model: GPT, batch_size: int, use_cache: bool, head: HeadChoice) -> None:
+    def __init__(self, model: GPT, batch_size: int, use_cache: bool, head: HeadChoice, trunk: TrunkChoice) -> None:
         self.model, self.block_size = model, model.config.block_size
         self.cache = model.new_cache(batch_size) if use_cache else None
         self.head = (  # the adaptive softmax is not one linear layer: it has no packed form
             decode_head(model.lm_head.weight, model.lm_head.bias, batch_size, head) if model.config.head == "linear"
             else plain_only(model.head_logits, head)
         )  # fmt: skip
+        # The one-token trunk of a cached step (the recompute loop has none), chosen with the head after it.
+        self.trunk = None if self.cache is None else decode_trunk(model, self.cache, trunk, self.head)
+        self.positions: Tensor | None = None  # (B, L) position of every column of left-padded rows
 
     def __call__(self, seq: Tensor, pad: Tensor | None, n: int) -> Tensor:
         model, cache = self.model, self.cache
         start = max(0, n - self.block_size)  # first column of the window: the last block_size columns
         if cache is not None and cache.pos > 0 and n <= self.block_size:
-            positions = None if pad is None else (n - 1 - pad)[:, None]  # (B, 1) each row's own position
-            hidden = model.hidden_states(seq[:, n - 1 : n], positions=positions, cache=cache)
+            positions = None if pad is None else self._positions(seq, pad)[:, n - 1 : n]  # (B, 1) each row's own
+            hidden = self.trunk(seq[:, n - 1 : n], positions, cache)
         else:
             if cache is not None:  # prefill, or slide: past block_size every position moves, the keys are stale
                 cache.reset()
             idx, mask, positions = window(seq, pad, start, n)
             hidden = model.hidden_states(idx, mask, positions=positions, cache=cache)
         return self.head(hidden[:, -1])  # (B, V): only the last position goes through the head
+
+    def _positions(self, seq: Tensor, pad: Tensor) -> Tensor:
+        # Built once: a step then reads its column as a view instead of computing it.
+        if self.positions is None:
+            self.positions = (torch.arange(seq.size(1), device=seq.device) - pad[:, None]).clamp(min=0)
+        return self.positions

@@ -7,7 +7,9 @@ a vocabulary of 100,000, block 256, randomly initialised: speed does not depend 
 its exact Hugging Face copy (`minigpt.convert.minigpt_to_gpt2`). Each gets the same 10-token prompt and
 makes the same number of new tokens (end-of-text never stops a run):
 
-- minigpt: `generate(model, prompt, SamplingConfig.greedy(n), stop_ids=None)`, KV cache, head "auto";
+- minigpt: `generate(model, prompt, SamplingConfig.greedy(n), stop_ids=None)`, KV cache, head and trunk
+  "auto"; and the same with each trunk forced (`minigpt.kernels.decode_step`): "plain" (the reference,
+  `GPT.hidden_states` on torch's threads), "one_thread", "lean" (fewer ops) and "lean_one_thread";
 - tutorial loop: what the PyTorch tutorial's generation does, a full forward over the cropped window
   per token with the head over every position (`model(window)[:, -1].argmax()`);
 - recompute, last position: nanoGPT's `generate` (full trunk over the window, the head over the last
@@ -15,13 +17,15 @@ makes the same number of new tokens (end-of-text never stops a run):
 - HF generate: `GPT2LMHeadModel.generate(do_sample=False)` with its cache;
 - HF loop: a bare cached loop, `model(input_ids, past_key_values=past)` and an argmax per token.
 
-Costs minigpt pays once per weight version (the packed head copy, the one-time measurement that
-decides between the packed and the plain head) are timed in a separate "cold" row: the first call
-after `minigpt.kernels.decode_head.reset_decode_heads()`. The warm rows are the median of `--repeats` runs;
+Costs minigpt pays once per weight version or model (the packed head copy, the one-time measurements
+that choose the head, the trunk and the greedy pick) are timed in a separate "cold" row: the first
+call after `reset_decode_heads()` and `reset_decode_steps()`. The warm rows are the median of `--repeats` runs;
 contenders take turns (round robin) so that load from other processes hits them alike. The bound is
 one read of the output matrix per token with plain torch (`W.sum()` run once per token, in the same
-round robin): a token can hardly cost less than reading W once. Two more rows time the head alone,
-plain (`F.linear`) and packed (`minigpt.kernels.decode_head.PackedHead`), which shows where the packed head wins.
+round robin): a token can hardly cost less than reading W once; `of_bound` is minigpt's rate over the
+bound's (`plain_of_bound` the same for trunk "plain"). More per-token rows time the head alone, plain
+(`F.linear`) and packed (`minigpt.kernels.decode_head.PackedHead`), and the greedy pick alone, plain
+(`argmax`) and chunked (`minigpt.kernels.decode_step.chunked_argmax`): they show where each fast path wins.
 On CUDA every timer synchronises the device. Batches of 8 and 32 prompts are timed for minigpt and
 HF generate (tokens/s counts every row's tokens).
 """
@@ -42,6 +46,13 @@ from minigpt.config import GPTConfig
 from minigpt.convert import minigpt_to_gpt2
 from minigpt.generation import SamplingConfig, generate
 from minigpt.kernels.decode_head import PackedHead, decode_head, decode_head_cache_size, reset_decode_heads
+from minigpt.kernels.decode_step import (
+    decode_step_cache_size,
+    greedy_pick,
+    reset_decode_steps,
+    resolve_pick,
+    resolve_trunk,
+)
 from minigpt.model import GPT
 
 VOCAB, WIDTH, LAYERS, HEADS, BLOCK, PROMPT = 100_000, 200, 2, 2, 256, 10
@@ -106,8 +117,15 @@ def hf_generate(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out[:, ids.size(1) :].tolist()
 
 
-def minigpt_generate(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
-    return [r.tokens for r in generate(model, prompts, SamplingConfig.greedy(n), stop_ids=None)]
+def minigpt_generate(model: GPT, prompts: list[list[int]], n: int, trunk: str = "auto") -> list[list[int]]:
+    return [r.tokens for r in generate(model, prompts, SamplingConfig.greedy(n), stop_ids=None, trunk=trunk)]
+
+
+TRUNKS = ("plain", "one_thread", "lean", "lean_one_thread")  # a row each, beside minigpt's "auto"
+
+
+def trunk_row(trunk: str) -> str:
+    return f"minigpt, trunk {trunk!r}"
 
 
 def build(device: torch.device) -> tuple[GPT, object]:
@@ -130,6 +148,7 @@ def bench(n: int, repeats: int, device: torch.device, batches: tuple[int, ...] =
     prompt = torch.randint(3, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
     contenders: dict[str, Run] = {
         "minigpt (KV cache)": lambda p: minigpt_generate(model, p, n),
+        **{trunk_row(t): lambda p, t=t: minigpt_generate(model, p, n, trunk=t) for t in TRUNKS},
         "tutorial loop (recompute, full head)": lambda p: tutorial_loop(model, p, n),
         "recompute, head on last position": lambda p: recompute_last(model, p, n),
         "HF generate": lambda p: hf_generate(hf, p, n),
@@ -137,21 +156,26 @@ def bench(n: int, repeats: int, device: torch.device, batches: tuple[int, ...] =
     }
     weight, hidden = model.lm_head.weight, torch.randn(1, WIDTH, device=device)
     packed = PackedHead(weight, None, torch.get_num_threads() if device.type == "cpu" else 1)
+    with torch.inference_mode():
+        logits = model.head_logits(hidden)  # (1, V)
     per_token: dict[str, Callable[[], object]] = {  # timed n times per round, as if once per token
         "bound: one read of W (W.sum())": weight.sum,
         "head alone, plain (F.linear)": lambda: model.head_logits(hidden),
         f"head alone, packed ({packed.weight.size(0)} slabs)": lambda: packed(hidden),
+        "greedy pick alone, plain (argmax)": lambda: greedy_pick(logits, "plain"),
+        "greedy pick alone, chunked": lambda: greedy_pick(logits, "chunked"),
     }
     runs: dict[str, dict] = {}  # what each contender was given and produced, for the invariants
 
     def record(name: str, prompts: list[list[int]], out: list[list[int]]) -> None:
         runs[name] = {"prompts": prompts, "new_tokens": [len(row) for row in out], "tokens": out}
 
-    # Cold: the first minigpt call after forgetting every packed head and head measurement.
+    # Cold: the first minigpt call after forgetting every packed head and every measurement.
     reset_decode_heads()
-    cold_cache = [decode_head_cache_size()]
+    reset_decode_steps()
+    cold_cache = [(decode_head_cache_size(), decode_step_cache_size())]  # (heads, step measurements) before
     cold = timed(lambda: record("minigpt cold (first call)", [prompt], minigpt_generate(model, [prompt], n)), device)
-    cold_cache.append(decode_head_cache_size())
+    cold_cache.append((decode_head_cache_size(), decode_step_cache_size()))  # and after
     times: dict[str, list[float]] = {name: [] for name in [*contenders, *per_token]}
     for name, run in contenders.items():  # warm-up round (its outputs are recorded)
         record(name, [prompt], run([prompt]))
@@ -174,16 +198,20 @@ def bench(n: int, repeats: int, device: torch.device, batches: tuple[int, ...] =
     return {
         "minigpt_tok_s": round(mine, 2),
         "minigpt_cold_tok_s": round(tok_s["minigpt cold (first call)"], 2),
+        **{f"trunk_{t}_tok_s": round(tok_s[trunk_row(t)], 2) for t in TRUNKS},
         "tutorial_loop_tok_s": round(tok_s["tutorial loop (recompute, full head)"], 2),
         "recompute_last_tok_s": round(tok_s["recompute, head on last position"], 2),
         "hf_generate_tok_s": round(tok_s["HF generate"], 2),
         "hf_loop_tok_s": round(tok_s["HF cached loop"], 2),
         "bandwidth_bound_tok_s": round(bound, 2),
         "of_bound": round(mine / bound, 3),
+        "plain_of_bound": round(tok_s[trunk_row("plain")] / bound, 3),
         "vs_tutorial": round(mine / tok_s["tutorial loop (recompute, full head)"], 2),
         "vs_hf": round(mine / tok_s["HF generate"], 2),
         **batch_tok_s,
         "head": "packed" if isinstance(decode_head(weight, model.lm_head.bias, 1), PackedHead) else "plain",
+        "trunk": resolve_trunk(model, model.new_cache(1), head=decode_head(weight, model.lm_head.bias, 1)),
+        "pick": resolve_pick(logits),
         "rows": rows,
         "runs": runs,
         "cold_cache": cold_cache,
@@ -229,12 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in r.items():
         if "_batch" in key:
             print(f"{key:40} {value:>10.1f}")
-    print(f"generation head chosen by minigpt's one-time measurement (head='auto'): {r['head']}")
+    print(f"chosen by minigpt's one-time measurements ('auto'): head {r['head']!r}, trunk {r['trunk']!r}, "
+          f"greedy pick {r['pick']!r}")  # fmt: skip
     same = agreement(r["runs"])
     print("greedy tokens shared with minigpt: " + ", ".join(f"{k} {v:.0%}" for k, v in same.items()))
     print(
         f"vs_tutorial {r['vs_tutorial']:.2f}x   vs_hf {r['vs_hf']:.2f}x   minigpt reaches {r['of_bound']:.0%} "
-        "of the bandwidth bound"
+        f"of the bandwidth bound (trunk 'plain': {r['plain_of_bound']:.0%})"
     )
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k not in ("rows", "runs", "cold_cache")}))

@@ -37,6 +37,7 @@ from minigpt.generation import (
 )
 from minigpt.kernels import decode_head as heads
 from minigpt.kernels.decode_head import PackedHead, decode_head, packed_head
+from minigpt.kernels.decode_step import greedy_pick
 from minigpt.model import GPT
 from minigpt.tokenizer import Vocab
 
@@ -597,6 +598,71 @@ def test_generation_with_the_packed_head_equals_the_plain_head(arch):
         assert greedy(model, batch, 25, head="auto") == plain
 
 
+# -- the decode step: trunk and greedy pick (minigpt.kernels.decode_step) ----------------------------
+
+TRUNKS = ("one_thread", "lean", "lean_one_thread", "auto")  # each held to "plain"
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_trunk_generates_what_the_plain_trunk_does(arch):
+    model = make_model(**ARCHITECTURES[arch])  # block_size 16
+    # One row, past block_size (the window slides for 29 steps), and left-padded rows of three lengths.
+    for prompts, n in (([5, 9, 3, 12, 7], 40), ([[4], [5, 9, 3, 12, 7, 20, 6], [30, 2, 11]], 12)):
+        plain = greedy(model, prompts, n, trunk="plain")
+        assert len({token for row in plain for token in row}) > 3, f"too trivial to compare: {plain}"
+        for trunk in TRUNKS:
+            assert greedy(model, prompts, n, trunk=trunk) == plain, trunk
+
+
+def test_every_trunk_samples_what_the_plain_trunk_does():
+    # The same scores and the same generator give the same draws.
+    model = make_model()
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.2)
+
+    def sample(trunk):
+        g = torch.Generator().manual_seed(3)
+        return [r.tokens for r in generate(model, [[5, 6, 7], [9]], sampling, generator=g, stop_ids=None,
+                                           trunk=trunk)]  # fmt: skip
+
+    plain = sample("plain")
+    assert all(sample(trunk) == plain for trunk in TRUNKS)
+
+
+@pytest.mark.parametrize("pick", ["plain", "chunked"])
+def test_the_greedy_pick_gives_the_argmax_tokens(monkeypatch, pick):
+    import minigpt.generation as generation
+
+    picks = []
+
+    def forced(logits):
+        picks.append(pick)
+        return greedy_pick(logits, pick)
+
+    monkeypatch.setattr(generation, "greedy_pick", forced)
+    # The best score first, inside, last, and tied (the first one wins), with and without the penalty.
+    logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    for row, index in enumerate([0, 50, 95]):
+        logits[row, index] = 10.0
+    logits[3, [70, 20, 90]] = 10.0
+    for sampling in (SamplingConfig.greedy(), SamplingConfig(temperature=0, repetition_penalty=1.5)):
+        assert sample_next(logits, sampling, prev_ids=torch.tensor([[1]] * 4)).tolist() == [0, 50, 95, 20]
+    # A whole generation against a hand-written greedy loop over the full model (96 scores: two chunks).
+    model = make_model(vocab_size=96)
+    seq = [5, 9, 3]
+    with torch.inference_mode():
+        for _ in range(30):
+            seq.append(int(model(torch.tensor([seq[-16:]]))[0, -1].argmax()))
+    picks.clear()
+    assert greedy(model, [5, 9, 3], 30) == [seq[3:]] and len(set(seq[3:])) > 2
+    assert picks == [pick] * 30
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_unknown_trunk_is_refused(use_cache):
+    with pytest.raises(UserError, match="trunk must be one of .*got 'fast'"):
+        generate(make_model(), [5, 9], SamplingConfig.greedy(3), stop_ids=None, trunk="fast", use_cache=use_cache)
+
+
 # -- text --------------------------------------------------------------------------------------------
 
 
@@ -632,19 +698,21 @@ def test_generated_text_has_no_pad_and_unk_only_when_asked(vocab, sampling):
 # -- the benchmark script ----------------------------------------------------------------------------
 
 
-# Seconds each contender's run takes under the fake timer (the per-token rows take DEFAULT_SECONDS).
-BENCH_SECONDS = {"minigpt_generate": 0.5, "tutorial_loop": 2.0, "recompute_last": 1.0, "hf_generate": 0.75,
-                 "hf_loop": 0.375}  # fmt: skip
+# Seconds each contender's run takes under the fake timer (the per-token rows take DEFAULT_SECONDS);
+# minigpt's run costs what its trunk does.
+BENCH_SECONDS = {"tutorial_loop": 2.0, "recompute_last": 1.0, "hf_generate": 0.75, "hf_loop": 0.375}
+TRUNK_SECONDS = {"auto": 0.5, "plain": 1.2, "one_thread": 0.6, "lean": 0.75, "lean_one_thread": 0.48}
 DEFAULT_SECONDS = 0.25
 
 
 def test_bench_generate_compares_like_with_like(monkeypatch):
     """Every contender gets the same prompt and makes the same number of tokens of the same function;
-    the cold row starts from no packed head and no head measurement; the rates and ratios are those of
+    the cold row starts from no packed head and no measurement; the rates and ratios are those of
     the times measured (a fake timer gives each contender a known duration)."""
     bench = load_script("bench_generate")
     for name, value in bench.QUICK.items():
         monkeypatch.setattr(bench, name, value)
+    greedy(make_model(), [5, 9], 3)  # measurements made before the benchmark: its cold row must forget them
     spent = [0.0]
 
     def costing(fn, seconds):
@@ -659,26 +727,40 @@ def test_bench_generate_compares_like_with_like(monkeypatch):
         fn()
         return spent[0] or DEFAULT_SECONDS
 
+    def minigpt_costing(fn):
+        def run(*args, trunk="auto"):
+            spent[0] += TRUNK_SECONDS[trunk]
+            return fn(*args, trunk=trunk)
+
+        return run
+
     for name, seconds in BENCH_SECONDS.items():
         monkeypatch.setattr(bench, name, costing(getattr(bench, name), seconds))
+    monkeypatch.setattr(bench, "minigpt_generate", minigpt_costing(bench.minigpt_generate))
     monkeypatch.setattr(bench, "timed", fake_timed)
     n = 6
     r = bench.bench(n, repeats=3, device=torch.device("cpu"), batches=(3,))
-    mine = n / BENCH_SECONDS["minigpt_generate"]
+    mine = n / TRUNK_SECONDS["auto"]
     assert r["minigpt_tok_s"] == mine == r["minigpt_cold_tok_s"]
+    for trunk in ("plain", "one_thread", "lean", "lean_one_thread"):  # a row per trunk, each its own run
+        assert r[f"trunk_{trunk}_tok_s"] == n / TRUNK_SECONDS[trunk]
+    assert r["plain_of_bound"] == 0.208  # (6 / 1.2) / (6 / 0.25): the plain trunk's row over the bound's
     assert r["tutorial_loop_tok_s"] == n / BENCH_SECONDS["tutorial_loop"]
     assert r["hf_generate_tok_s"] == n / BENCH_SECONDS["hf_generate"]
     assert r["hf_loop_tok_s"] == n / BENCH_SECONDS["hf_loop"]
     assert r["bandwidth_bound_tok_s"] == n / DEFAULT_SECONDS  # n reads of W in one timed call
     assert r["vs_tutorial"] == 4.0 and r["vs_hf"] == 1.5 and r["of_bound"] == 0.5
-    assert r["minigpt_batch3_tok_s"] == 3 * n / BENCH_SECONDS["minigpt_generate"] == 36.0
+    assert r["minigpt_batch3_tok_s"] == 3 * n / TRUNK_SECONDS["auto"] == 36.0
     assert r["hf_batch3_tok_s"] == 3 * n / BENCH_SECONDS["hf_generate"] == 24.0
     singles = {name: run for name, run in r["runs"].items() if len(run["prompts"]) == 1}
-    assert len(singles) == 6  # five contenders and the cold call
+    assert len(singles) == 10  # nine contenders (minigpt's "auto" and four trunks) and the cold call
     assert len({tuple(run["prompts"][0]) for run in singles.values()}) == 1
     assert all(run["new_tokens"] == [n] for run in singles.values())
     assert bench.agreement(r["runs"]) == dict.fromkeys(singles, 1.0)  # one function: the same greedy text
     batch = [run for name, run in r["runs"].items() if name.endswith("batch 3")]
     assert len(batch) == 2 and batch[0]["prompts"] == batch[1]["prompts"] and len(batch[0]["prompts"]) == 3
     assert all(run["new_tokens"] == [n] * 3 for run in batch)
-    assert r["cold_cache"][0] == 0 < r["cold_cache"][1]  # the packed copy and measurement were made in the timed call
+    # The packed copy and the head, trunk and greedy-pick measurements were made in the timed call.
+    (heads_before, steps_before), (heads_after, steps_after) = r["cold_cache"]
+    assert heads_before == steps_before == 0 < heads_after and steps_after == 2
+    assert r["trunk"] in ("plain", "one_thread", "lean", "lean_one_thread") and r["pick"] in ("plain", "chunked")

@@ -5,13 +5,18 @@
   held to the plain path in float32 (atol 1e-5) and under bf16 autocast;
 - which loss `GPT.loss_kernel="auto"` picks;
 - the fused Adam/AdamW that `LitMiniGPT.configure_optimizers` picks;
-- `scripts/bench_train.py` at a tiny size: what the benchmark promises (same shapes, same optimizer).
+- `scripts/bench_train.py` at a tiny size: what the benchmark promises (same shapes, same optimizer);
+- the decode step's fast paths (`minigpt/kernels/decode_step.py`): the lean one-token trunk equals
+  `GPT.hidden_states` with a KV cache (every flavour, left-padded rows, bf16 autocast), the chunked argmax
+  equals `argmax` (ties, NaN, -inf), `one_thread` restores the thread count, and "auto" keeps the
+  contender with the lowest median time, measured once.
 """
 
 import copy
 import dataclasses
 import functools
 import json
+import math
 import pickle
 
 import pytest
@@ -19,7 +24,19 @@ import torch
 from script_loader import load_script
 
 import minigpt.model
+from minigpt.cache import KVCache
 from minigpt.config import GPTConfig
+from minigpt.errors import UserError
+from minigpt.kernels import decode_step as decode_steps
+from minigpt.kernels.decode_step import (
+    chunked_argmax,
+    decode_trunk,
+    greedy_pick,
+    one_thread,
+    one_token_hidden,
+    resolve_pick,
+    resolve_trunk,
+)
 from minigpt.kernels.loss import LOSS_CHUNK_ELEMENTS, chunk_rows
 from minigpt.lit_module import LitMiniGPT
 from minigpt.model import GPT, lm_loss
@@ -354,3 +371,199 @@ def test_plain_loss_has_no_data_dependent_shape():
     model.loss_kernel = "fused"  # boolean row selection and `.any()`: the proxy catches them
     with pytest.raises((NotImplementedError, RuntimeError)):
         model.loss(idx, targets)
+
+
+# -- the decode step: one-token trunk and greedy pick (minigpt/kernels/decode_step.py) --------------------
+
+# Every flavour the trunk has a branch for: positions, norms, blocks, MLP activations, QK-norm, embeddings.
+DECODE_FLAVOURS = {
+    "gpt2": dict(positional="learned", norm_first=True, tie_weights=True, lm_head_bias=False, activation="gelu_tanh"),
+    "tutorial": dict(positional="sinusoidal", norm_first=False, scale_embedding=True, activation="relu"),
+    "rotary-rms-swiglu-qknorm": dict(positional="rotary", norm="rmsnorm", activation="swiglu", qk_norm=True,
+                                     bias=False),
+    "rotary-postnorm-relu2": dict(positional="rotary", norm_first=False, activation="relu2"),
+    "adaptive-input": dict(head="adaptive", adaptive_cutoffs=(16, 32), tie_weights=True, positional="learned"),
+}  # fmt: skip
+
+
+def decode_model(**overrides) -> GPT:
+    """A tiny model (vocab 48, block 12) with weights wide enough that the blocks change the states."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(vocab_size=48, block_size=12, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def prefilled(model: GPT, padded: bool) -> tuple[KVCache, torch.Tensor | None, torch.Tensor | None]:
+    """A cache after a prefill of 5 tokens per row, (B, 5) pad mask and (B, 5) positions (left padding) or
+    Nones, as `minigpt.generation` builds them."""
+    idx = torch.tensor([[7, 3, 9, 30, 2], [5, 5, 41, 12, 6], [1, 1, 1, 8, 44]])
+    pad = torch.tensor([0, 1, 3]) if padded else None
+    cache = model.new_cache(3)
+    mask = positions = None
+    if pad is not None:
+        cols = torch.arange(5)[None, :]
+        mask, positions = cols < pad[:, None], (cols - pad[:, None]).clamp(min=0)
+    model.hidden_states(idx, mask, positions=positions, cache=cache)
+    return cache, pad, positions
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["aligned", "left-padded"])
+@pytest.mark.parametrize("flavour", list(DECODE_FLAVOURS))
+def test_lean_one_token_trunk_equals_hidden_states(flavour, padded):
+    model = decode_model(**DECODE_FLAVOURS[flavour])
+    with torch.inference_mode():
+        plain_cache, pad, _ = prefilled(model, padded)
+        lean_cache = copy.deepcopy(plain_cache)
+        for step, token in enumerate([11, 40, 2, 19, 33, 7]):  # up to the cache's last slot (block 12)
+            idx = torch.tensor([[token], [token + 1], [token + 2]])
+            positions = None if pad is None else (5 + step - pad)[:, None]  # (B, 1) each row's own position
+            plain = model.hidden_states(idx, positions=positions, cache=plain_cache)
+            lean = one_token_hidden(model, idx, positions, lean_cache)
+            torch.testing.assert_close(lean, plain)
+            assert lean_cache.pos == plain_cache.pos == 6 + step
+        for layer in range(model.config.n_layer):
+            torch.testing.assert_close(lean_cache.k[layer], plain_cache.k[layer])
+            torch.testing.assert_close(lean_cache.v[layer], plain_cache.v[layer])
+    assert plain.std(dim=0).min() > 0.01  # rows differ: a row mixed with another would show
+
+
+def test_lean_one_token_trunk_under_bf16_autocast():
+    # Both paths compute in bf16 and keep the cache in float32: the same ops in the same dtypes.
+    model = decode_model(**DECODE_FLAVOURS["gpt2"])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_cache, _, _ = prefilled(model, padded=False)
+        lean_cache = copy.deepcopy(plain_cache)
+        idx = torch.tensor([[11], [12], [13]])
+        plain = model.hidden_states(idx, cache=plain_cache)
+        lean = one_token_hidden(model, idx, None, lean_cache)
+    assert lean.dtype == plain.dtype and lean_cache.k[0].dtype == torch.float32
+    torch.testing.assert_close(lean.float(), plain.float(), atol=2e-2 * float(plain.abs().max()), rtol=0)
+
+
+def test_one_thread_restores_the_thread_count_even_after_an_error():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), one_thread():
+            raise KeyError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_step_timer(monkeypatch):
+    """Known durations for the one-time measurements: `durations[name]` lists the seconds of each timed
+    call of that contender in turn; `calls` counts the calls that were timed."""
+    durations: dict[str, list[float]] = {}
+    calls: list[str] = []
+    by_function = {}
+
+    def fake_seconds(fn, device):
+        fn()
+        contender = fn.args[0]  # _fastest times partial(run, contender)
+        name = by_function[id(contender)] if id(contender) in by_function else "?"
+        calls.append(name)
+        times = durations[name]
+        return times[(calls.count(name) - 1) % len(times)]
+
+    monkeypatch.setattr(decode_steps, "_seconds", fake_seconds)
+    real_trunks = decode_steps._trunks
+
+    def named_trunks(model):
+        trunks = real_trunks(model)
+        by_function.update({id(fn): name for name, fn in trunks.items()})
+        return trunks
+
+    monkeypatch.setattr(decode_steps, "_trunks", named_trunks)
+    by_function.update({id(fn): name for name, fn in decode_steps._PICK_FNS.items()})
+    decode_steps.reset_decode_steps()
+    yield durations, calls
+    decode_steps.reset_decode_steps()
+
+
+def test_auto_trunk_takes_the_lowest_median_once_and_leaves_the_cache_empty(fake_step_timer):
+    durations, calls = fake_step_timer
+    # "one_thread" has the fastest single call but the slowest usual one (a join waiting on a loaded
+    # machine); "lean_one_thread" has the lowest median.
+    durations.update(plain=[3.0], one_thread=[0.1, 9.0, 9.0], lean=[2.0], lean_one_thread=[1.0, 1.5])
+    model = decode_model()
+    cache = model.new_cache(2)
+    head_calls = []
+    trunk = decode_trunk(model, cache, "auto", head=lambda h: head_calls.append(h.shape))
+    assert trunk.func is decode_steps._on_one_thread and trunk.args[0].func is one_token_hidden
+    assert resolve_trunk(model, cache) == "lean_one_thread"
+    assert len(calls) == 4 * decode_steps._ROUNDS  # measured once per model and batch size
+    assert head_calls == [(2, model.config.n_embd)] * (4 * (decode_steps._ROUNDS + 1))  # each step ends in the head
+    assert cache.pos == 0 and not cache.key_padding_mask.any()
+    assert decode_steps.decode_step_cache_size() == 1
+    durations.update(plain=[0.5])  # another batch size is another measurement
+    assert resolve_trunk(model, model.new_cache(1)) == "plain"
+    assert decode_steps.decode_step_cache_size() == 2
+
+
+def test_trunk_choices_hooks_and_bad_values(fake_step_timer):
+    durations, calls = fake_step_timer
+    model = decode_model()
+    cache = model.new_cache(1)
+    for choice in ("plain", "one_thread", "lean", "lean_one_thread"):
+        assert resolve_trunk(model, cache, choice) == choice
+    assert calls == []  # a forced choice measures nothing
+    with pytest.raises(UserError, match="trunk must be one of 'auto', 'plain', .* got 'fast'"):
+        decode_trunk(model, cache, "fast")
+    model.transformer.h[0].ln_1.register_forward_hook(lambda *args: None)
+    assert resolve_trunk(model, cache, "auto") == "plain" and calls == []  # hooks see no probe step
+    with pytest.raises(UserError, match="forward hooks"):
+        decode_trunk(model, cache, "lean_one_thread")
+
+
+@pytest.mark.parametrize("shape", [(1, 100_000), (4, 50_257), (3, 48), (2, 97)], ids=str)
+def test_chunked_argmax_equals_argmax(shape):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(shape, generator=g)
+    torch.testing.assert_close(chunked_argmax(logits), logits.argmax(-1), rtol=0, atol=0)
+    B, V = shape
+    P = decode_steps._chunk_size(V)
+    assert V % P == 0
+    if V // P > 2:
+        # Ties: the maximum in three chunks (the later ones first in memory order of writing), and twice
+        # inside the first of them: argmax's answer is the first index of all.
+        first = P + 3
+        for i in (V - 1, 2 * P + 1, first + 1, first):
+            logits[:, i] = 1e3
+        assert chunked_argmax(logits).tolist() == logits.argmax(-1).tolist() == [first] * B
+        logits[:, V - 2] = float("nan")  # NaN beats everything, as in argmax
+        logits[0, 5] = float("nan")
+        assert chunked_argmax(logits).tolist() == logits.argmax(-1).tolist() == [5] + [V - 2] * (B - 1)
+    banned = torch.full(shape, -math.inf)  # every score -inf (all banned): index 0, as argmax
+    assert chunked_argmax(banned).tolist() == banned.argmax(-1).tolist() == [0] * B
+
+
+def test_chunked_argmax_reads_rows_of_a_wider_tensor_and_bf16():
+    wide = torch.randn(3, 1100)
+    logits = wide[:, :1000]  # rows with a stride, like the packed head's output cut to the vocabulary
+    assert chunked_argmax(logits).tolist() == logits.argmax(-1).tolist()
+    half = torch.randn(2, 4096).to(torch.bfloat16)
+    assert chunked_argmax(half).tolist() == half.argmax(-1).tolist()
+
+
+def test_greedy_pick_auto_keeps_the_faster_one(fake_step_timer):
+    durations, calls = fake_step_timer
+    durations.update(plain=[2.0], chunked=[1.0])
+    logits = torch.randn(2, 3000)
+    assert resolve_pick(logits) == "chunked" and len(calls) == 2 * decode_steps._ROUNDS
+    assert greedy_pick(logits).tolist() == logits.argmax(-1).tolist()
+    assert len(calls) == 2 * decode_steps._ROUNDS  # measured once per device, dtype and shape
+    durations.update(chunked=[3.0])
+    assert resolve_pick(torch.randn(2, 3001)) == "plain"
+    for choice in ("plain", "chunked"):
+        assert greedy_pick(logits, choice).tolist() == logits.argmax(-1).tolist()
+    with pytest.raises(UserError, match="pick must be one of 'auto', 'plain', 'chunked', got 'fast'"):
+        greedy_pick(logits, "fast")
