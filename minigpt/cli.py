@@ -52,7 +52,7 @@ def __getattr__(name: str) -> Any:
 def _usage() -> str:
     lines = ["usage: minigpt {" + ",".join(COMMANDS) + "} ...", ""]
     lines += [f"  {name:<9} {summary}" for name, summary in COMMANDS.items()]
-    lines += ["", "minigpt COMMAND --help shows a command's options."]
+    lines += ["", "minigpt COMMAND --help shows a command's options; minigpt --version, the versions in use."]
     return "\n".join(lines)
 
 

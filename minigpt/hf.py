@@ -14,6 +14,7 @@ Conversion between the two lives in `minigpt.convert`.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -283,5 +284,18 @@ def hf_generate_text(
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of a library's error, whole; past 200 characters only its sentences that fit (at least
+    one), so a message is never cut inside a word."""
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0].strip()
+    if len(line) <= 200:
+        return line
+    sentences = re.split(r"(?<=[.!?])\s+", line)
+    kept = sentences[0]
+    for sentence in sentences[1:]:
+        if len(kept) + 1 + len(sentence) > 200:
+            break
+        kept = f"{kept} {sentence}"
+    return kept

@@ -33,6 +33,7 @@ from minigpt.data.samples import flatten
 from minigpt.evaluation import evaluate_ids
 from minigpt.generation import SamplingConfig, generate, generate_text
 from minigpt.hf import (
+    _first_line,
     hf_bits_per_character,
     hf_generate,
     hf_generate_text,
@@ -223,6 +224,19 @@ def test_offline_name_gives_one_clear_error_fast(tmp_path):
     with pytest.raises(ValueError, match="not a local folder"):
         convert_from_hf(tmp_path / "missing", tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_a_library_error_is_never_cut_inside_a_word(tmp_path):
+    """A folder whose config.json is not JSON: transformers' long message is shortened to whole sentences."""
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot load a Hugging Face causal LM") as err:
+        load_hf_gpt2(tmp_path)
+    assert "\n" not in str(err.value)
+    long = "Weights only load failed. " + "In PyTorch 2.6, the default changed. " * 8 + "Please file an issue."
+    short = _first_line(ValueError(long + "\nsecond line"))
+    assert long.startswith(short) and short.endswith(".") and 25 <= len(short) <= 200
+    assert _first_line(ValueError("x" * 300)) == "x" * 300  # one sentence stays whole, however long
+    assert _first_line(ValueError("")) == "ValueError"
 
 
 # -- minigpt -> HF ----------------------------------------------------------------------------------

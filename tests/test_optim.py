@@ -173,6 +173,6 @@ def test_muon_is_refused_with_a_sharding_strategy():
     from minigpt.errors import UserError
 
     lit = LitMiniGPT(GPTConfig.tiny(vocab_size=50, block_size=8), optimizer="muon", scheduler="constant")
-    lit._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    lit.trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(UserError, match="use --trainer.strategy ddp or --model.optimizer adamw"):
         lit.configure_optimizers()

@@ -449,7 +449,7 @@ def test_missing_or_wrong_api_key_is_401(server, client):
         reply = httpx.post(url + "/v1/completions", json={"prompt": "the movie"}, headers=headers)
         assert reply.status_code == 401 and "API key" in reply.json()["error"]["message"]
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=30).models.list()
     assert httpx.get(url + "/metrics").status_code == 401
     assert httpx.get(url + "/health").status_code == 200  # liveness probes carry no key
     missing = httpx.get(url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
@@ -502,7 +502,7 @@ def test_a_client_that_goes_away_frees_its_row_at_the_next_step(ckpt, stream):
         assert scheduler.running == 0, "the abandoned request still holds its row"
         metrics = app.state.metrics.exposition().decode()
         assert "minigpt_cancelled_jobs_total 1.0" in metrics
-        reply = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30).completions.create(
             model="tiny",
             prompt="the movie", max_tokens=2)  # fmt: skip
         assert reply.choices[0].finish_reason in ("stop", "length")
