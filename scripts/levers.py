@@ -29,6 +29,13 @@ M = "--model.config."
 # name -> (what it changes, the options that change it). Options are overrides of configs/imdb.yaml.
 LEVERS: dict[str, tuple[str, list[str]]] = {
     "recipe": ("configs/imdb.yaml as it is", []),
+    "gpt2_block": ("GPT-2's block: learned positions, LayerNorm, GELU, no QK-norm, Xavier-initialised "
+                   "output projections, biases",
+                   [M + "positional", "learned", M + "norm", "layernorm", M + "activation", "gelu",
+                    M + "qk_norm", "false", M + "zero_init_proj", "false", M + "bias", "true"]),
+    "cosine": ("cosine decay over the whole run instead of warmup-stable-decay", ["--model.scheduler", "cosine"]),
+    "decay0.2": ("warmup-stable-decay decaying over the last 20% of the steps instead of 40%",
+                 ["--model.decay_fraction", "0.2"]),
     "adamw": ("AdamW for the blocks' matrices too, instead of Muon", ["--model.optimizer", "adamw"]),
     "muon_ns3": ("Muon with 3 Newton-Schulz steps instead of 5", ["--model.muon_ns_steps", "3"]),
     "learned": ("learned absolute positions instead of rotary", [M + "positional", "learned"]),
