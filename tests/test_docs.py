@@ -171,8 +171,8 @@ NOT_RUNNABLE = {
     # docs/data.md
     "minigpt prepare --data.download true": "downloads aclImdb_v1.tar.gz from Stanford (network)",
     # docs/results.md
-    "python scripts/quality_vs_minutes.py --archive aclImdb_v1.tar.gz": "about 70 minutes of training on the "
-    "official archive",
+    "python scripts/quality_vs_minutes.py --archive aclImdb_v1.tar.gz": "hours of training on the official "
+    "archive",
     # docs/benchmarks.md
     "python scripts/bench_train.py --json\npython scripts/bench_generate.py --json\n"
     "python scripts/bench_data.py --scale 20\npython scripts/bench_cli.py": "over 10 minutes of timing on a quiet "
