@@ -62,6 +62,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models: extra threads only add synchronisation, and on a busy
+    2-core machine oversubscribed threads made such a module several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_archive(tmp_path) -> Path:
     return write_tar(tmp_path / "aclImdb_v1.tar.gz", tiny_reviews())

@@ -93,13 +93,7 @@ ALTERNATIVES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra threads only add synchronisation on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
 
 def random_gpt(vocab_size: int = VOCAB, **overrides) -> GPT:

@@ -37,14 +37,7 @@ def copy_tutorial_weights(model: GPT, ref: TransformerModel) -> None:
 # Helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: extra threads only add synchronisation, and on a busy 2-core machine
-    # oversubscribed threads made this file 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
 
 def make_model(**overrides) -> GPT:
