@@ -78,6 +78,7 @@ class LitMiniGPT(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         muon_momentum: float = 0.95,
         muon_ns_steps: int = 5,
+        adamw_lr: float | None = None,
         scheduler: Literal["step", "cosine", "wsd", "constant"] = "step",
         step_size: int = 10_000,
         gamma: float = 0.9,
@@ -101,6 +102,8 @@ class LitMiniGPT(pl.LightningModule):
             betas: Adam's betas.
             muon_momentum: "muon": the (Nesterov) momentum of Muon's half.
             muon_ns_steps: "muon": Newton-Schulz steps that orthogonalise each update (5 is Muon's default).
+            adamw_lr: "muon": the peak rate of the AdamW half (embeddings, head, norms); None: ``lr``. The
+                schedule scales both halves alike.
             scheduler: "step" (the tutorial's StepLR, stepped every optimizer step), "cosine"
                 (linear warmup then cosine to ``min_lr`` at ``decay_steps``), "wsd" (warmup, then the peak rate,
                 then a linear decay to ``min_lr`` over the last ``decay_fraction`` of the decay) or "constant".
@@ -132,6 +135,11 @@ class LitMiniGPT(pl.LightningModule):
             raise UserError(f"model.decay_fraction must be in (0, 1], got {decay_fraction}")
         if muon_ns_steps < 1 or not 0 <= muon_momentum < 1:
             raise UserError("model.muon_ns_steps must be >= 1 and model.muon_momentum in [0, 1)")
+        if adamw_lr is not None and (optimizer != "muon" or adamw_lr <= 0 or not math.isfinite(adamw_lr)):
+            raise UserError(
+                f"model.adamw_lr sets the AdamW half of model.optimizer muon and must be a positive number, "
+                f"got {adamw_lr} with optimizer {optimizer}; leave it out or use --model.optimizer muon"
+            )
         if step_size < 1 or warmup_steps < 0:
             raise UserError("model.step_size must be >= 1 and model.warmup_steps >= 0")
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
@@ -325,6 +333,8 @@ class LitMiniGPT(pl.LightningModule):
             others = [p for p in rest if p.dim() < 2]
             groups = [{"params": matrices, "weight_decay": hp.weight_decay}, {"params": others, "weight_decay": 0.0}]
             if muon:
+                if hp.adamw_lr is not None:
+                    groups = [{**g, "lr": hp.adamw_lr} for g in groups]
                 opt = MuonWithAdamW(
                     muon, groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
                     momentum=hp.muon_momentum, ns_steps=hp.muon_ns_steps, fused=self._fused_optimizer(),

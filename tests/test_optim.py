@@ -165,6 +165,27 @@ def test_lit_module_builds_muon_with_adamw_for_the_rest():
     assert [g["weight_decay"] for g in opt.adamw.param_groups] == [0.1, 0.0]
 
 
+def test_adamw_lr_sets_the_adamw_half_and_the_schedule_scales_both():
+    cfg = GPTConfig.tiny(vocab_size=50, block_size=8)
+    lit = LitMiniGPT(cfg, optimizer="muon", lr=1e-2, adamw_lr=3e-2, scheduler="constant", warmup_steps=4)
+    built = lit.configure_optimizers()
+    opt, sched = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert [g["lr"] for g in opt.muon.param_groups] == [pytest.approx(1e-2 / 4)]  # warmup's first step
+    assert [g["lr"] for g in opt.adamw.param_groups] == [pytest.approx(3e-2 / 4)] * 2
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-2), pytest.approx(3e-2), pytest.approx(3e-2)]
+
+
+@pytest.mark.parametrize("kwargs", [{"optimizer": "adamw", "adamw_lr": 1e-2}, {"optimizer": "muon", "adamw_lr": 0.0}])
+def test_adamw_lr_is_refused_where_it_means_nothing(kwargs):
+    from minigpt.errors import UserError
+
+    with pytest.raises(UserError, match="model.adamw_lr sets the AdamW half of model.optimizer muon"):
+        LitMiniGPT(GPTConfig.tiny(vocab_size=50, block_size=8), **kwargs)
+
+
 def test_muon_is_refused_with_a_sharding_strategy():
     from types import SimpleNamespace
 
