@@ -120,7 +120,7 @@ def test_recipes_load_and_match_without_minigpt(recipes, tmp_path):
         c = model.config
         if name == "imdb":
             assert (c.head, c.tie_weights, c.positional, c.norm_first, c.n_embd) == ("adaptive", True, "rotary",
-                                                                                    True, 200)  # fmt: skip
+                                                                                    True, 160)  # fmt: skip
             block = (c.norm, c.activation, c.qk_norm, c.zero_init_proj, c.bias)
             assert block == ("rmsnorm", "relu2", True, True, False)
             assert c.adaptive_cutoffs_used == (1000,) and c.vocab_size > 1000
