@@ -6,7 +6,8 @@
 * `RunCheckpoint`: Lightning's `ModelCheckpoint` that keeps rotating the same files after a resume,
   even if the run folder was reached by another path, does not warn that its own folder is not
   empty when a run resumes into it, can save `last.ckpt` on demand (Ctrl-C) and saves it when a run
-  ends between two of its saves.
+  ends between two of its saves (at its last step, so that a run extended from it continues the data
+  where it stopped).
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ class RunCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
         return self.last_model_path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The last step of a run that stops in the middle of an epoch (max_steps, max_time) is saved here,
+        # where the data loader's position is the next batch's. By on_train_end Lightning counts the epoch
+        # as done, and a run extended from a checkpoint written there would start the next epoch instead.
+        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        ends = trainer.should_stop or (max_steps is not None and trainer.global_step >= max_steps)
+        if ends and trainer.global_step > 0 and self.saved_step != trainer.global_step and not trainer.fast_dev_run:
+            self.save_last_now(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A run that ends between two saves (by max_steps, max_time) still saves its final state.

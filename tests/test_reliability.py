@@ -275,3 +275,20 @@ def test_a_saved_config_starts_a_new_run_after_ctrl_c_and_resume(corpus, tmp_pat
     assert (run_dir / "config.yaml").read_bytes() == config  # the old run is untouched
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == files
     assert sorted(p.name for p in (old / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_a_finished_run_extended_with_more_steps_equals_one_longer_run(corpus, tmp_path):
+    # The first run stops in the middle of an epoch (max_steps): its last.ckpt must hold that data position,
+    # so the extension trains on the same batches, to the same weights, as one 6-step run.
+    assert batches_per_epoch(corpus) > 3
+    common = ["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus),
+              "--trainer.enable_progress_bar", "false", "--model.scheduler", "constant"]  # fmt: skip
+    main([*common, "--trainer.default_root_dir", str(tmp_path / "straight"), "--trainer.max_steps", "6"])
+    extended = ["--trainer.default_root_dir", str(tmp_path / "extended")]
+    main([*common, *extended, "--trainer.max_steps", "3"])
+    main([*common, *extended, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    a, b = (torch.load(tmp_path / run / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+            for run in ("straight", "extended"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 6
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
