@@ -6,6 +6,7 @@
 * `ProgressLog`: plain progress lines when the output is a file, not a terminal.
 * `LearningRateLog`: one learning-rate curve per distinct rate.
 * `ProgressBar`: Lightning's bar, showing the run's version as ``version``.
+* `EMAWeights`: an exponential moving average of the weights (Lightning's `WeightAveraging`), opt-in.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, Timer, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, Timer, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from minigpt.checkpointing import RunCheckpoint, last_checkpoint_path
 from minigpt.generation import SamplingConfig, generate_text
@@ -290,3 +292,49 @@ class ProgressBar(TQDMProgressBar):
         if "v_num" in items:
             items = {"version": items.pop("v_num"), **items}
         return items
+
+
+class EMAWeights(WeightAveraging):
+    """Validate, checkpoint and finish with an exponential moving average of the weights.
+
+    Opt-in: ``minigpt fit --trainer.callbacks+=minigpt.callbacks.EMAWeights --trainer.callbacks.decay 0.99``.
+    Lightning's `WeightAveraging` does the work: after every optimizer step the average moves towards the
+    weights by ``1 - decay``; validation runs on the average; a checkpoint's ``state_dict`` holds the
+    average (so ``evaluate``, ``generate`` and the exports read it) and ``current_model_state`` the weights
+    being trained, which a resume continues from. 0.99 averages over about the last 100 steps.
+    """
+
+    def __init__(self, decay: float = 0.99):
+        """
+        Args:
+            decay: the average's weight on its previous value at each step (0 < decay < 1).
+        """
+        if not 0 < decay < 1:
+            raise ValueError(
+                f"EMAWeights decay must be between 0 and 1 (exclusive), got {decay}; 0.99 averages over about "
+                "the last 100 steps"
+            )
+        self.decay = decay
+        self._trained: dict[str, torch.Tensor] | None = None
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trained = None
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning moves the average into the model here, and the run's last checkpoint is written after
+        # this hook: keep the weights being trained for it, so that a resume continues them.
+        self._trained = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._trained is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._trained
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # validate and test (a run's config.yaml keeps this callback) score the average, which is the
+        # checkpoint's state_dict: nothing to restore, and no warning to print.
+        if self._average_model is not None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

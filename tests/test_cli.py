@@ -185,6 +185,8 @@ def test_prepare_json(corpus, capsys):
         (["validate", "--ckpt_pth", "x"], "unrecognized arguments: --ckpt_pth x (did you mean --ckpt_path?)"),
         (["fit", "--model.confg.n_embd", "8", "--zzz", "1"], "(did you mean --model.config.n_embd for --model.confg"),
         (["fit", "--early_validation.step", "0"], "early_validation.step"),
+        (["fit", "--trainer.callbacks+=minigpt.callbacks.EMAWeights", "--trainer.callbacks.decay", "1.5"],
+         "EMAWeights decay must be between 0 and 1 (exclusive), got 1.5"),
         (["prepare", "--sho", "2"], "unrecognized arguments: --sho 2 (did you mean --show?)"),
         (["plot", "--roo", "x"], "unrecognized arguments: --roo (did you mean --root?)"),  # x: the run_dir
         (["fit", "--config", "BAD_YAML"], "bad.yaml has a YAML syntax error at line 3, column 6: expected ',' or ']'"),
@@ -630,7 +632,10 @@ def test_every_lever_changes_the_recipe_where_it_says(levers_script, capsys):
     recipe = settings([])
     for name, (what, options) in levers_script.LEVERS.items():
         changed = {k for k, v in settings(options).items() if recipe.get(k) != v}
-        named = {flag.removeprefix("--") for flag in options[::2]}
+        flags = [flag.removeprefix("--") for flag in options[::2]]
+        # `--trainer.callbacks+ CLASS` appends to a list, and the options after it set that entry's arguments.
+        appended = {flag.removesuffix("+") for flag in flags if flag.endswith("+")}
+        named = {next((a for a in appended if flag.startswith(a)), flag) for flag in flags}
         assert changed == named, (name, what)
 
 

@@ -130,8 +130,13 @@ class MiniGPTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            # The classes validate their arguments in their constructors: that is bad input.
-            raise UserError(str(err).strip() or repr(err)) from err  # cli.py prints its first sentence
+            # The classes validate their arguments in their constructors: that is bad input. A class
+            # in a list or union (a --trainer.callbacks+= entry) reaches here wrapped in jsonargparse's
+            # "Does not validate against any of the Union subtypes": the constructor's own words are its cause.
+            cause = err
+            while isinstance(cause.__cause__, (ValueError, TypeError)):
+                cause = cause.__cause__
+            raise UserError(str(cause).strip() or repr(cause)) from err  # cli.py prints its first sentence
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
