@@ -1,7 +1,7 @@
 """What each setting of the recommended recipe is worth: the recipe against itself with one lever changed.
 
-    python scripts/levers.py --archive aclImdb_v1.tar.gz [--minutes 3] [--levers NAME ...] [--max_docs 1000]
-        [--root runs/levers] [--json docs/levers.json]
+    python scripts/levers.py --archive aclImdb_v1.tar.gz [--minutes 3 | --steps N] [--levers NAME ...]
+        [--max_docs 1000] [--root runs/levers] [--json docs/levers.json]
 
 Every row is a `minigpt fit --config imdb` run of `--minutes` wall-clock minutes with the lever's options
 added (the first row adds none: the recipe itself), one run after the other so each has the machine to
@@ -10,7 +10,8 @@ evaluate --split val` on `--max_docs` validation reviews spread evenly (the test
 headline number of scripts/quality_vs_minutes.py). A lever in the recipe is measured by taking it out, a
 lever that is not by putting it in; the effect is the change of validation bits per character against the
 recipe's row of the same invocation. One run per row: differences of about 0.01 are within the noise of the
-machine's speed.
+machine's speed. `--steps N` trains every row for N steps instead (the schedule follows them): for levers that
+leave the cost of a step as it is, that takes the machine's speed out of the comparison.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "momentum0.9": ("Muon's momentum 0.9 instead of 0.95", ["--model.muon_momentum", "0.9"]),
     "adamw_lr3e-2": ("the AdamW half (embeddings, head, norms) at 3e-2 instead of 1e-2", ["--model.adamw_lr", "0.03"]),
     "adamw_lr3e-3": ("the AdamW half (embeddings, head, norms) at 3e-3 instead of 1e-2", ["--model.adamw_lr", "0.003"]),
+    "muon_lr2e-2": ("Muon's half (the blocks' matrices) at 2e-2, the AdamW half kept at 1e-2",
+                    ["--model.lr", "0.02", "--model.adamw_lr", "0.01"]),
+    "muon_lr3e-2": ("Muon's half (the blocks' matrices) at 3e-2, the AdamW half kept at 1e-2",
+                    ["--model.lr", "0.03", "--model.adamw_lr", "0.01"]),
+    "noclip": ("no gradient clipping instead of clipping the norm at 0.5", ["--trainer.gradient_clip_val", "null"]),
+    "betas0.95": ("Adam's betas 0.9/0.95 instead of 0.9/0.999 (the AdamW half)", ["--model.betas", "[0.9, 0.95]"]),
+    "warmup50": ("50 warmup steps instead of 100", ["--model.warmup_steps", "50"]),
+    "wd0": ("no weight decay instead of 0.01", ["--model.weight_decay", "0"]),
+    "ema0.99": ("validation and checkpoints on an exponential moving average of the weights (decay 0.99)",
+                ["--trainer.callbacks+", "minigpt.callbacks.EMAWeights", "--trainer.callbacks.decay", "0.99"]),
     "min_lr0": ("the decay down to 0 instead of 1e-3", ["--model.min_lr", "0"]),
     "learned": ("learned absolute positions instead of rotary", [M + "positional", "learned"]),
     "layernorm": ("LayerNorm instead of RMSNorm", [M + "norm", "layernorm"]),
@@ -79,27 +90,35 @@ def main(argv: list[str] | None = None, extra: dict[str, tuple[str, list[str]]] 
     parser.add_argument("--config", default="imdb", help="the recipe the levers change (a file or a recipe name)")
     parser.add_argument("--minutes", type=float, default=3.0, help="training minutes per run")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=[*LEVERS, *(extra or {})])
+    parser.add_argument("--steps", type=int, help="train every row for this many steps instead of --minutes")
     parser.add_argument("--max_docs", type=int, default=1000, help="validation reviews scored per run (0: all)")
     parser.add_argument("--root", default="runs/levers", help="folder for the runs")
     parser.add_argument("--json", default=str(ROOT / "docs/levers.json"))
     args = parser.parse_args(argv)
     if not Path(args.archive).is_file():
         parser.error(f"--archive {args.archive} is not a file; pass the path of aclImdb_v1.tar.gz")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     names = ["recipe", *(n for n in args.levers if n != "recipe")]  # every effect is against the recipe's row
     levers = {**LEVERS, **(extra or {})}
 
-    report = {"machine": machine(), "date": datetime.date.today().isoformat(), "minutes": args.minutes,
+    report = {"machine": machine(), "date": datetime.date.today().isoformat(),
+              "minutes": None if args.steps else args.minutes, "steps": args.steps,
               "max_docs": args.max_docs, "command": " ".join(["python", "scripts/levers.py", *(argv or sys.argv[1:])]),
               "rows": []}  # fmt: skip
     for name in names:
         what, options = levers[name]
         folder = Path(args.root) / name
-        fit = minigpt("fit", "--config", args.config, "--data.archive", args.archive,
-                      "--trainer.max_time", max_time(args.minutes), *options)  # fmt: skip
+        budget = ["--trainer.max_time", max_time(args.minutes)]
+        if args.steps:
+            budget = ["--trainer.max_time", "null", "--trainer.max_steps", str(args.steps)]
+        fit = minigpt("fit", "--config", args.config, "--data.archive", args.archive, *budget, *options)
         key = {"command": fit[1:], "configs": config_digests(fit), "max_docs": args.max_docs}
 
         def work() -> dict:
             ckpt, row = train(fit, folder, args.minutes * 60)
+            if args.steps:  # the runs' time is not the budget: no rate to report
+                row.pop("tokens_per_s")
             return {**row, "val": score(ckpt, folder, "val", args.max_docs)}
 
         start = time.time()
