@@ -130,13 +130,8 @@ class MiniGPTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            # The classes validate their arguments in their constructors: that is bad input. A class
-            # in a list or union (a --trainer.callbacks+= entry) reaches here wrapped in jsonargparse's
-            # "Does not validate against any of the Union subtypes": the constructor's own words are its cause.
-            cause = err
-            while isinstance(cause.__cause__, (ValueError, TypeError)):
-                cause = cause.__cause__
-            raise UserError(str(cause).strip() or repr(cause)) from err  # cli.py prints its first sentence
+            # The classes validate their arguments in their constructors: that is bad input.
+            raise UserError(_constructor_message(str(err)) or repr(err)) from err  # cli.py prints its first sentence
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -179,6 +174,24 @@ class MiniGPTCLI(LightningCLI):
             if key in data and key not in passed:
                 cfg["data"][key] = data[key]
         cfg["data"]["block_size"] = cfg["model"]["config"]["block_size"]
+
+
+def _constructor_message(text: str) -> str:
+    """A constructor's own words, also when jsonargparse wraps them in its Union message.
+
+    A class in a list or union (a ``--trainer.callbacks+=`` entry) that refuses its arguments reaches
+    here as "Does not validate against any of the Union subtypes", followed by one error per subtype
+    (in an order that changes between jsonargparse versions); the constructor's is the one that is not
+    about the value's type.
+    """
+    text = text.strip()
+    if not text.startswith("Does not validate against any of the Union subtypes") or "\nErrors:\n" not in text:
+        return text
+    listed = text.split("\nErrors:\n", 1)[1].split("\nGiven value type:", 1)[0]
+    errors = [line[4:] for line in listed.splitlines() if line.startswith("  - ")]  # not their nested lists
+    about_the_type = ("Expected a ", "Not a valid subclass of ", "Does not validate against ")
+    own = [e for e in errors if not e.startswith(about_the_type)]
+    return own[0] if len(own) == 1 else text
 
 
 def runs_root(cfg) -> Path:
