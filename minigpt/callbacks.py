@@ -314,7 +314,6 @@ class EMAWeights(WeightAveraging):
                 f"EMAWeights decay must be between 0 and 1 (exclusive), got {decay}; 0.99 averages over about "
                 "the last 100 steps"
             )
-        self.decay = decay
         self._trained: dict[str, torch.Tensor] | None = None
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
 

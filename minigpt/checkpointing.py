@@ -109,8 +109,7 @@ class RunCheckpoint(ModelCheckpoint):
         # The last step of a run that stops in the middle of an epoch (max_steps, max_time) is saved here,
         # where the data loader's position is the next batch's. By on_train_end Lightning counts the epoch
         # as done, and a run extended from a checkpoint written there would start the next epoch instead.
-        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
-        ends = trainer.should_stop or (max_steps is not None and trainer.global_step >= max_steps)
+        ends = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step  # max_steps -1: no limit
         if ends and trainer.global_step > 0 and self.saved_step != trainer.global_step and not trainer.fast_dev_run:
             self.save_last_now(trainer)
 

@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None, extra: dict[str, tuple[str, list[str]]] 
               "minutes": None if args.steps else args.minutes, "steps": args.steps,
               "max_docs": args.max_docs, "command": " ".join(["python", "scripts/levers.py", *(argv or sys.argv[1:])]),
               "rows": []}  # fmt: skip
+    budget = ["--trainer.max_time", max_time(args.minutes)]
+    if args.steps:
+        budget = ["--trainer.max_time", "null", "--trainer.max_steps", str(args.steps)]
     for name in names:
         what, options = levers[name]
         folder = Path(args.root) / name
-        budget = ["--trainer.max_time", max_time(args.minutes)]
-        if args.steps:
-            budget = ["--trainer.max_time", "null", "--trainer.max_steps", str(args.steps)]
         fit = minigpt("fit", "--config", args.config, "--data.archive", args.archive, *budget, *options)
         key = {"command": fit[1:], "configs": config_digests(fit), "max_docs": args.max_docs}
 
