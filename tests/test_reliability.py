@@ -281,8 +281,7 @@ def test_a_finished_run_extended_with_more_steps_equals_one_longer_run(corpus, t
     # The first run stops in the middle of an epoch (max_steps): its last.ckpt must hold that data position,
     # so the extension trains on the same batches, to the same weights, as one 6-step run.
     assert batches_per_epoch(corpus) > 3
-    common = ["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.source", "text", "--data.text_path", str(corpus),
-              "--trainer.enable_progress_bar", "false", "--model.scheduler", "constant"]  # fmt: skip
+    common = fit_args(corpus, "--model.scheduler", "constant")[len(MINIGPT) :]
     main([*common, "--trainer.default_root_dir", str(tmp_path / "straight"), "--trainer.max_steps", "6"])
     extended = ["--trainer.default_root_dir", str(tmp_path / "extended")]
     main([*common, *extended, "--trainer.max_steps", "3"])
