@@ -67,6 +67,16 @@ class GPTConfig:
     """Biases in the attention/MLP linear layers and the LayerNorms."""
     layer_norm_eps: float = 1e-5
 
+    # Input
+    bigram_buckets: int = 0
+    """Rows of a hashed bigram embedding; 0: none (the tutorial). Each token also reads row `bigram_bucket(previous
+    token, token)` of a (bigram_buckets, bigram_dim) table, projected to `n_embd` by a matrix that starts at zero
+    and added to its embedding: a word pair gets a vector of its own for the cost of a lookup (the hashed n-gram
+    input embeddings of Huang et al. 2025, "Over-Tokenized Transformer"). A window's first token has no previous
+    token (nor has a token after a pad): it reads the row of (none, token)."""
+    bigram_dim: int = 64
+    """Width of the bigram table's rows (only with bigram_buckets > 0)."""
+
     # Output head
     head: Head = "linear"
     """"linear": a full `lm_head` over the vocabulary. "adaptive": `nn.AdaptiveLogSoftmaxWithLoss`
@@ -101,6 +111,10 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head gets "
                 f"n_embd // n_head features. Pick n_head among the divisors of {self.n_embd}."
             )
+        if not _is_int(self.bigram_buckets) or self.bigram_buckets < 0:
+            raise ValueError(f"bigram_buckets must be an integer >= 0 (0: none), got {self.bigram_buckets!r}.")
+        if not _is_int(self.bigram_dim) or self.bigram_dim < 1:
+            raise ValueError(f"bigram_dim must be an integer >= 1, got {self.bigram_dim!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if not self.layer_norm_eps > 0:

@@ -173,6 +173,8 @@ def gpt2_export_blockers(config: GPTConfig) -> list[str]:
         reasons.append(f"GPT-2 normalises with LayerNorm, not {config.norm!r}")
     if config.qk_norm:
         reasons.append("GPT-2 does not normalise queries and keys (qk_norm=True)")
+    if config.bigram_buckets:
+        reasons.append("GPT-2 has no bigram embeddings (bigram_buckets > 0)")
     return reasons
 
 

@@ -451,7 +451,8 @@ class _GPTStep:
         start = max(0, n - self.block_size)  # first column of the window: the last block_size columns
         if cache is not None and cache.pos > 0 and n <= self.block_size:
             positions = None if pad is None else self._positions(seq, pad)[:, n - 1 : n]  # (B, 1) each row's own
-            hidden = self.trunk(seq[:, n - 1 : n], positions, cache)
+            # The token before the new one (bigram embeddings read it): every prompt has a token, so never a pad.
+            hidden = self.trunk(seq[:, n - 1 : n], positions, cache, seq[:, n - 2])
         else:
             if cache is not None:  # prefill, or slide: past block_size every position moves, the keys are stale
                 cache.reset()

@@ -7,7 +7,8 @@ One module covers the flavours `GPTConfig` chooses between:
   computes, and a linear head reading the encoder output (the tutorial's head read the embeddings);
 - GPT-2 (`GPTConfig.gpt2`): learned positions, pre-norm blocks, a final `ln_f` and a tied head;
 - the modern block's options: RMSNorm, rotary positions, ReLU² or SwiGLU, QK-norm, zero-initialised
-  output projections, no biases, and an adaptive softmax whose clusters also embed the input.
+  output projections, no biases, and an adaptive softmax whose clusters also embed the input;
+- hashed bigram embeddings beside the token embedding (`bigram_buckets`).
 
 Module names follow nanoGPT/GPT-2 (`transformer.wte`, `transformer.h[i].attn.c_attn`, `lm_head`) so
 GPT-2 weights map across; `c_attn` rows are [q; k; v], the layout of `nn.MultiheadAttention.in_proj_weight`.
@@ -54,6 +55,28 @@ def chunked_nll_sum(
     for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
         nll_sum = nll_sum + F.cross_entropy(head(h).float(), t, ignore_index=ignore_index, reduction="sum")
     return nll_sum
+
+
+def previous_tokens(idx: Tensor, previous: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+    """(B, T) the token before each token of `idx` (B, T), -1 where there is none.
+
+    The first column's is `previous` (B,) when given (the last token a cache holds; -1 for none), else none;
+    a token after a pad has none either, so a left-padded prompt reads what it reads alone.
+    """
+    first = idx.new_full((idx.size(0), 1), -1) if previous is None else previous.view(-1, 1).to(idx.dtype)
+    before = torch.cat([first, idx[:, :-1]], dim=1)
+    if key_padding_mask is not None:
+        before = before.masked_fill(F.pad(key_padding_mask[:, :-1], (1, 0), value=False), -1)
+    return before
+
+
+def bigram_bucket(previous: Tensor, idx: Tensor, buckets: int) -> Tensor:
+    """The row of the hashed bigram table of each (previous token, token) pair (-1: no previous token).
+
+    A fixed hash (two primes, exact in int64 for any vocabulary below 10^12), so the rows mean the same
+    wherever the model runs; distinct pairs may share a row, as in any hashed embedding.
+    """
+    return ((previous + 1) * 1_000_003 + idx * 999_983) % buckets
 
 
 def _float32(x: Tensor) -> torch.autocast:
@@ -240,6 +263,9 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(config.block_size, config.head_size, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.bigram_buckets:
+            self.transformer["bigram"] = nn.Embedding(config.bigram_buckets, config.bigram_dim)
+            self.transformer["bigram_proj"] = nn.Linear(config.bigram_dim, config.n_embd, bias=False)
         if config.norm_first:
             # Pre-norm leaves the residual stream unnormalised; post-norm blocks already end in a norm.
             self.transformer["ln_f"] = make_norm(config, config.n_embd)
@@ -255,6 +281,11 @@ class GPT(nn.Module):
             for block in blocks:
                 nn.init.zeros_(block.attn.c_proj.weight)
                 nn.init.zeros_(block.mlp.c_proj.weight)
+        if config.bigram_buckets:
+            # Rows of unit norm, read through a projection that starts at zero: the model begins as it would
+            # without the table, and the projection learns first.
+            nn.init.normal_(self.transformer.bigram.weight, std=config.bigram_dim**-0.5)
+            nn.init.zeros_(self.transformer.bigram_proj.weight)
         if config.tie_weights and config.head == "linear":
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -277,13 +308,16 @@ class GPT(nn.Module):
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, shared tensors counted once; `exclude_embeddings` leaves out the input
-        embeddings (token table and learned positions), but a token table tied to the head counts, as the head."""
+        embeddings (token table, bigram table and learned positions), but a token table tied to the head counts,
+        as the head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             if not self.config.tie_weights:  # a tied input embedding counts as the head it is
                 n -= self.transformer.wte.weight.numel()
             if self.config.positional == "learned":
                 n -= self.transformer.wpe.weight.numel()
+            if self.config.bigram_buckets:
+                n -= self.transformer.bigram.weight.numel()
         return n
 
     def new_cache(
@@ -296,7 +330,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: Tensor, key_padding_mask: Tensor | None = None, *, positions: Tensor | None = None,
-        cache: Cache | None = None,
+        cache: Cache | None = None, previous: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Scores of the next token at every position.
 
@@ -309,27 +343,37 @@ class GPT(nn.Module):
                 cache, or 0 onwards). Left-padded prompts pass the positions they would have without padding.
             cache: A `KVCache` from `new_cache` (or another `minigpt.cache.Cache`): the new tokens' keys and
                 values are stored and attention also reads the cached ones.
+            previous: (B,) the token before each row's first new token, -1 for none (the default): what a model
+                with bigram embeddings needs to continue a cache that holds tokens (see `previous_tokens`).
 
         Returns:
             (B, T, vocab_size) logits, or log-probabilities with the adaptive head.
         """
-        return self.head_logits(self.hidden_states(idx, key_padding_mask, positions=positions, cache=cache))
+        hidden = self.hidden_states(idx, key_padding_mask, positions=positions, cache=cache, previous=previous)
+        return self.head_logits(hidden)
 
     def hidden_states(
         self, idx: Tensor, key_padding_mask: Tensor | None = None, *, positions: Tensor | None = None,
-        cache: Cache | None = None,
+        cache: Cache | None = None, previous: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """The Transformer trunk (everything but the head, `ln_f` included): (B, T, n_embd). Takes the same
         arguments as `forward`."""
-        self._check_inputs(idx, key_padding_mask, positions, cache)
+        self._check_inputs(idx, key_padding_mask, positions, cache, previous)
         T = idx.size(1)
         if cache is None:
             slots = torch.arange(T, device=idx.device)
             attn_mask, is_causal = attention_mask(0, T, key_padding_mask, idx.device)
         else:
             slots, attn_mask, is_causal = cache.prepare(T, key_padding_mask)
+            first_slots = slots.reshape(-1, slots.size(-1))[:, 0]  # each row's first new slot: (T,) or (B, 1) slots
+            if self.config.bigram_buckets and previous is None and bool((first_slots > 0).any()):
+                raise ValueError(
+                    "This model has bigram embeddings (bigram_buckets > 0): continuing a cache that holds tokens "
+                    "needs the token before each row's first new token (`previous`; `previous_token_ids` in "
+                    "transformers)."
+                )
         positions = slots if positions is None else positions  # (T,) or (B, T)
-        x = self.embed(idx, positions)
+        x = self.embed(idx, positions, previous, key_padding_mask)
         rope = None
         if self.config.positional == "rotary":
             rope = self.rope_cos[positions], self.rope_sin[positions]  # (T or B x T, hs/2)
@@ -340,8 +384,11 @@ class GPT(nn.Module):
             x = self.transformer.ln_f(x)
         return x
 
-    def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
-        """Token embeddings (scaled when `scale_embedding`) plus additive positions, after dropout: (B, T, C)."""
+    def embed(
+        self, idx: Tensor, positions: Tensor, previous: Tensor | None = None, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings (scaled when `scale_embedding`) plus additive positions and the bigram embedding,
+        after dropout: (B, T, C). `previous` and `key_padding_mask`: see `previous_tokens`."""
         if self.adaptive_input:
             # In the blocks' dtype: a half-precision export keeps the adaptive head in float32 (see head_logits).
             x = adaptive_input_embedding(idx, self.adaptive).to(self.transformer.h[0].attn.c_attn.weight.dtype)
@@ -353,6 +400,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         elif self.config.positional == "sinusoidal":
             x = x + self.sinusoidal[positions].to(x.dtype)
+        if self.config.bigram_buckets:
+            before = previous_tokens(idx, previous, key_padding_mask)
+            rows = self.transformer.bigram(bigram_bucket(before, idx, self.config.bigram_buckets))
+            x = x + self.transformer.bigram_proj(rows)
         return self.transformer.drop(x)
 
     def head_logits(self, hidden: Tensor) -> Tensor:
@@ -425,8 +476,9 @@ class GPT(nn.Module):
         return nll_sum, count
 
     def _check_inputs(
-        self, idx: Tensor, key_padding_mask: Tensor | None, positions: Tensor | None, cache: Cache | None
-    ) -> None:
+        self, idx: Tensor, key_padding_mask: Tensor | None, positions: Tensor | None, cache: Cache | None,
+        previous: Tensor | None,
+    ) -> None:  # fmt: skip
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids, got shape {tuple(idx.shape)}.")
         (B, T), block_size = idx.size(), self.config.block_size
@@ -440,6 +492,8 @@ class GPT(nn.Module):
                              f"got {tuple(key_padding_mask.shape)}.")  # fmt: skip
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be a bool tensor (True = pad), got {key_padding_mask.dtype}.")
+        if previous is not None and previous.shape != idx.shape[:1]:
+            raise ValueError(f"previous must have shape ({B},), one token per row, got {tuple(previous.shape)}.")
         if positions is not None and positions.shape not in (idx.shape, idx.shape[1:]):
             raise ValueError(f"positions must have shape {tuple(idx.shape)} or ({T},), got {tuple(positions.shape)}.")
         if positions is not None and positions.numel():

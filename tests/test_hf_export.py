@@ -58,7 +58,7 @@ GRID = {
                  adaptive_cutoffs=(16, 32), adaptive_div_value=2.0, tie_weights=True),
     "modern": dict(positional="rotary", rope_base=500.0, norm="rmsnorm", activation="swiglu", qk_norm=True,
                    bias=False, tie_weights=True, lm_head_bias=False, scale_embedding=False, norm_first=True,
-                   zero_init_proj=True),
+                   zero_init_proj=True, bigram_buckets=40, bigram_dim=8),
     "adaptive-untied": dict(head="adaptive", adaptive_cutoffs=(20,), activation="relu2", positional="learned",
                             layer_norm_eps=1e-6, lm_head_bias=False),
     "gpt2-like": dict(positional="learned", norm_first=True, activation="gelu_tanh", tie_weights=True,
@@ -90,6 +90,8 @@ ALTERNATIVES = {
     "lm_head_bias": (False, {}),
     "adaptive_cutoffs": ((10, 30), {"head": "adaptive"}),
     "adaptive_div_value": (2.0, {"head": "adaptive", "adaptive_cutoffs": (20,)}),
+    "bigram_buckets": (50, {}),
+    "bigram_dim": (8, {"bigram_buckets": 50}),
 }
 
 
@@ -188,7 +190,9 @@ def test_kv_cache_steps_equal_full_forward(exported):
         out = hf(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
         steps = [out.logits]
         for t in range(4, ids.size(1)):
-            out = hf(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=_cache(out), use_cache=True)
+            previous = ids[:, t - 1].masked_fill(mask[:, t - 1] == 0, -1)  # its bigram embedding reads it
+            out = hf(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=_cache(out), use_cache=True,
+                     previous_token_ids=previous)  # fmt: skip
             steps.append(out.logits)
     assert _cache(out).get_seq_length() == ids.size(1)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)

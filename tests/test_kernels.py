@@ -383,6 +383,7 @@ DECODE_FLAVOURS = {
                                      bias=False),
     "rotary-postnorm-relu2": dict(positional="rotary", norm_first=False, activation="relu2"),
     "adaptive-input": dict(head="adaptive", adaptive_cutoffs=(16, 32), tie_weights=True, positional="learned"),
+    "rotary-bigram": dict(positional="rotary", norm="rmsnorm", bigram_buckets=40, bigram_dim=8),
 }  # fmt: skip
 
 
@@ -418,11 +419,13 @@ def test_lean_one_token_trunk_equals_hidden_states(flavour, padded):
     with torch.inference_mode():
         plain_cache, pad, _ = prefilled(model, padded)
         lean_cache = copy.deepcopy(plain_cache)
+        previous = torch.tensor([2, 6, 44])  # the prefill's last tokens (bigram embeddings read them)
         for step, token in enumerate([11, 40, 2, 19, 33, 7]):  # up to the cache's last slot (block 12)
             idx = torch.tensor([[token], [token + 1], [token + 2]])
             positions = None if pad is None else (5 + step - pad)[:, None]  # (B, 1) each row's own position
-            plain = model.hidden_states(idx, positions=positions, cache=plain_cache)
-            lean = one_token_hidden(model, idx, positions, lean_cache)
+            plain = model.hidden_states(idx, positions=positions, cache=plain_cache, previous=previous)
+            lean = one_token_hidden(model, idx, positions, lean_cache, previous)
+            previous = idx[:, 0]
             torch.testing.assert_close(lean, plain)
             assert lean_cache.pos == plain_cache.pos == 6 + step
         for layer in range(model.config.n_layer):

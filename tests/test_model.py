@@ -42,7 +42,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest)
 
 def make_model(**overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.tiny(**overrides)).eval()
+    model = GPT(GPTConfig.tiny(**overrides)).eval()
+    if model.config.bigram_buckets:  # its projection starts at zero, which would hide the table from every test
+        torch.nn.init.normal_(model.transformer.bigram_proj.weight, std=0.5)
+    return model
 
 
 def random_ids(vocab_size: int, *shape: int, seed: int = 1) -> torch.Tensor:
@@ -80,6 +83,8 @@ ARCHITECTURES = [
     ),
     pytest.param(MODERN, id="rotary-rmsnorm-relu2-qknorm"),
     pytest.param(dict(MODERN, activation="swiglu", norm_first=False, bias=True, head="linear"), id="rotary-swiglu"),
+    pytest.param(dict(MODERN, bigram_buckets=40, bigram_dim=8), id="modern-bigram"),
+    pytest.param(dict(positional="learned", norm_first=True, bigram_buckets=40, bigram_dim=8), id="learned-bigram"),
 ]
 
 
@@ -350,12 +355,43 @@ def test_kv_cache_equals_full_forward(arch, padded):
         for a, b in steps:  # prefill, a chunk of 3 at an offset, then one token at a time
             piece_pad = None if pad is None or not pad[:, a:b].any() else pad[:, a:b]
             piece_pos = None if positions is None else positions[:, a:b]
-            pieces.append(model(idx[:, a:b], piece_pad, positions=piece_pos, cache=cache))
+            # What a model with bigram embeddings needs to continue: the token before, -1 for none (a pad).
+            previous = None if not a else idx[:, a - 1] if pad is None else idx[:, a - 1].masked_fill(pad[:, a - 1], -1)
+            pieces.append(model(idx[:, a:b], piece_pad, positions=piece_pos, cache=cache, previous=previous))
             assert cache.pos == b
     cached = torch.cat(pieces, dim=1)
     keep = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
     torch.testing.assert_close(cached[keep], full[keep], atol=1e-5, rtol=0)
     assert torch.isfinite(cached).all()
+
+
+def test_bigram_embedding_reads_the_token_before():
+    fresh = GPT(GPTConfig.tiny(bigram_buckets=40, bigram_dim=8))
+    assert torch.all(fresh.transformer.bigram_proj.weight == 0)  # a new model starts as if it had no table
+    model = make_model(bigram_buckets=40, bigram_dim=8)
+    idx, pos = random_ids(32, 2, 8), torch.arange(8)
+    changed = idx.clone()
+    changed[:, 3] = (changed[:, 3] + 1 - 2) % 30 + 2
+    with torch.no_grad():
+        x = model.embed(idx, pos)
+        # A token's vector moves with its own id and with the id before it, nothing else.
+        moved = (model.embed(changed, pos) - x).abs().amax(-1) > 1e-6  # (2, 8)
+        assert moved[:, 3:5].all() and not moved[:, :3].any() and not moved[:, 5:].any()
+        # A continuation's first token reads the token before it from `previous`...
+        torch.testing.assert_close(model.embed(idx[:, 4:], pos[4:], previous=idx[:, 3]), x[:, 4:])
+        # ...and without it (a window's first token) reads "none", as does a token after a pad.
+        alone = model.embed(idx[:, 4:], pos[4:])
+        assert (alone[:, 0] - x[:, 4]).abs().amax() > 1e-3
+        torch.testing.assert_close(alone[:, 1:], x[:, 5:])
+        padded = torch.cat([torch.full((2, 1), PAD_ID), idx[:, 4:]], dim=1)
+        torch.testing.assert_close(model.embed(padded, pos[3:], key_padding_mask=padded == PAD_ID)[:, 1:], alone)
+        # A cache that holds tokens cannot be continued without it.
+        cache = model.new_cache(2)
+        model(idx[:, :4], cache=cache)
+        with pytest.raises(ValueError, match=r"bigram embeddings \(bigram_buckets > 0\): continuing a cache"):
+            model(idx[:, 4:5], cache=cache)
+        with pytest.raises(ValueError, match=r"previous must have shape \(2,\), one token per row, got \(2, 1\)"):
+            model(idx[:, 4:5], cache=cache, previous=idx[:, 3:4])
 
 
 def test_kv_cache_rejects_overflow_and_wrong_batch():

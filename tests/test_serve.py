@@ -126,6 +126,7 @@ ARCHITECTURES = {
     "rotary-rmsnorm-swiglu": dict(positional="rotary", norm="rmsnorm", norm_first=True, activation="swiglu",
                                   qk_norm=True),  # fmt: skip
     "adaptive-input": dict(head="adaptive", adaptive_cutoffs=(8, 16), tie_weights=True),
+    "rotary-bigram": dict(positional="rotary", norm="rmsnorm", norm_first=True, bigram_buckets=40, bigram_dim=8),
 }
 
 
@@ -133,8 +134,8 @@ def alone(model: GPT, ids: list[int], steps: list[int]) -> list[torch.Tensor]:
     """Scores after the prompt and after each of `steps` tokens, through a batch-1 `KVCache`."""
     cache = model.new_cache(1)
     out = [model(torch.tensor([ids]), cache=cache)[0, -1]]
-    for token in steps:
-        out.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
+    for before, token in zip([ids[-1], *steps], steps):
+        out.append(model(torch.tensor([[token]]), cache=cache, previous=torch.tensor([before]))[0, -1])
     return out
 
 
@@ -151,7 +152,8 @@ def test_slot_cache_rows_decode_together_as_each_alone(arch):
     steps = [[8, 17, 3, 25], [19, 14, 10, 22], [6, 1, 13, 2]]
     batched = [first]
     for k in range(4):
-        batched.append(model(torch.tensor([[s[k]] for s in steps]), cache=cache)[:, -1])
+        before = torch.tensor([s[k - 1] if k else p[-1] for s, p in zip(steps, prompts)])
+        batched.append(model(torch.tensor([[s[k]] for s in steps]), cache=cache, previous=before)[:, -1])
     assert cache.lengths[:3] == [11, 5, 7]
     for i, p in enumerate(prompts):
         got = [first[i]] + [step[i] for step in batched[1:]]
@@ -167,7 +169,7 @@ def test_slot_cache_move_keeps_a_row_decoding_in_its_new_place():
         model(torch.tensor([p]), cache=cache.row(i))
     cache.move(2, 0)  # row 0's request finished: the last row takes its place
     cache.rows = 2
-    got = model(torch.tensor([[12], [13]]), cache=cache)[:, -1]
+    got = model(torch.tensor([[12], [13]]), cache=cache, previous=torch.tensor([8, 4]))[:, -1]
     torch.testing.assert_close(got[0], alone(model, [30, 2, 11, 7, 8], [12])[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], alone(model, [4, 4], [13])[1], atol=1e-5, rtol=1e-5)
 

@@ -118,7 +118,8 @@ def model_card(
         ("layers x heads x width", f"{c.n_layer} x {c.n_head} x {c.n_embd} (feed-forward {c.d_ff}, {c.activation})"),
         ("blocks", f"{'pre' if c.norm_first else 'post'}-norm, {c.norm}{', QK-norm' if c.qk_norm else ''}"),
         ("positions", f"{c.positional}, context {c.block_size} tokens"),
-        ("embedding", "scaled by sqrt(width)" if c.scale_embedding else "unscaled"),
+        ("embedding", ("scaled by sqrt(width)" if c.scale_embedding else "unscaled")
+         + (f", plus hashed bigrams ({c.bigram_buckets:,} x {c.bigram_dim})" if c.bigram_buckets else "")),
         ("head", _head(model)),
         ("vocabulary", f"{c.vocab_size:,} tokens"),
         ("transformers class", f"`{hf_class}`" + (" (code in this folder)" if custom else "")),

@@ -116,6 +116,12 @@ class MiniGPTForCausalLM(PreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         block_size = self.config.block_size
         if input_ids.size(1) <= block_size:
+            new = inputs["input_ids"].size(1)
+            if self.config.bigram_buckets and input_ids.size(1) > new:  # the cache holds the tokens before
+                previous, mask = input_ids[:, -new - 1], inputs.get("attention_mask")
+                if mask is not None:
+                    previous = previous.masked_fill(mask[:, -new - 1] == 0, -1)  # a pad is no previous token
+                inputs["previous_token_ids"] = previous
             return inputs
         inputs["input_ids"] = input_ids[:, -block_size:]
         inputs.pop("position_ids", None)
@@ -136,6 +142,7 @@ class MiniGPTForCausalLM(PreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        previous_token_ids: Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Next-token scores of every position (of the last `logits_to_keep` ones when > 0).
@@ -151,6 +158,8 @@ class MiniGPTForCausalLM(PreTrainedModel, GenerationMixin):
             labels: (B, T) targets for the loss, `input_ids` themselves (shifted inside); -100 is ignored.
             use_cache: Keep the new keys/values (a `DynamicCache` is made when none is given) and return the cache.
             logits_to_keep: Compute scores for the last N positions only (0 = all), or for these indices.
+            previous_token_ids: (B,) the token before each row's first new token (-1: none), which a model with
+                bigram embeddings (`bigram_buckets`) needs to continue a cache that holds tokens; `generate` passes it.
 
         Returns:
             `CausalLMOutputWithPast` with `logits` (B, T, vocab_size) (log-probabilities with the adaptive head),
@@ -183,8 +192,9 @@ class MiniGPTForCausalLM(PreTrainedModel, GenerationMixin):
             start = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device)
         hidden = self.model.hidden_states(
-            input_ids, positions=positions, cache=TransformersCache(cache, padding, B, input_ids.device)
-        )
+            input_ids, padding[:, -T:] if padding is not None else None, positions=positions,
+            cache=TransformersCache(cache, padding, B, input_ids.device), previous=previous_token_ids,
+        )  # fmt: skip
         hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
         logits = self.model.head_logits(hidden)
         loss = None

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from minigpt.cache import KVCache
 from minigpt.errors import UserError
-from minigpt.model import GPT, CausalSelfAttention, adaptive_input_embedding, apply_rotary
+from minigpt.model import GPT, CausalSelfAttention, adaptive_input_embedding, apply_rotary, bigram_bucket
 
 TrunkChoice = Literal["auto", "plain", "one_thread", "lean", "lean_one_thread"]
 """How a decoding step runs the trunk over one new token per row (see the module docstring)."""
@@ -49,8 +49,9 @@ TrunkChoice = Literal["auto", "plain", "one_thread", "lean", "lean_one_thread"]
 PickChoice = Literal["auto", "plain", "chunked"]
 """How the greedy pick finds each row's best score."""
 
-Trunk = Callable[[Tensor, "Tensor | None", KVCache], Tensor]
-"""(B, 1) new ids, (B, 1) positions or None (the cache's slots), a prefilled cache -> (B, 1, C) hidden states."""
+Trunk = Callable[[Tensor, "Tensor | None", KVCache, "Tensor | None"], Tensor]
+"""(B, 1) new ids, (B, 1) positions or None (the cache's slots), a prefilled cache, (B,) the token before each new
+one or None (see `GPT.forward`'s `previous`) -> (B, 1, C) hidden states."""
 
 TRUNK_CHOICES: tuple[str, ...] = ("auto", "plain", "one_thread", "lean", "lean_one_thread")
 PICK_CHOICES: tuple[str, ...] = ("auto", "plain", "chunked")
@@ -131,8 +132,10 @@ def check_trunk(choice: str) -> None:
         raise UserError(f"trunk must be one of {', '.join(map(repr, TRUNK_CHOICES))}, got {choice!r}.")
 
 
-def one_token_hidden(model: GPT, idx: Tensor, positions: Tensor | None, cache: KVCache) -> Tensor:
-    """`model.hidden_states(idx, positions=positions, cache=cache)` for one new token per row, with fewer ops.
+def one_token_hidden(
+    model: GPT, idx: Tensor, positions: Tensor | None, cache: KVCache, previous: Tensor | None = None
+) -> Tensor:
+    """`model.hidden_states(idx, positions=..., cache=..., previous=...)` for one new token per row, with fewer ops.
 
     The token goes to slot `cache.pos` (the cache holds at least one earlier slot and has room for one
     more). It is never a pad, so it may attend to every filled slot but the prefill's pads: the mask is
@@ -144,6 +147,7 @@ def one_token_hidden(model: GPT, idx: Tensor, positions: Tensor | None, cache: K
         idx: (B, 1) new token ids.
         positions: (B, 1) position of each row's token, or None for the slot itself.
         cache: The `KVCache` of the earlier tokens; the new keys and values are written into it.
+        previous: (B,) the token before each row's new one (a model with bigram embeddings reads it), or None.
 
     Returns:
         (B, 1, n_embd) hidden states after the last block (and `ln_f` for pre-norm models).
@@ -152,7 +156,7 @@ def one_token_hidden(model: GPT, idx: Tensor, positions: Tensor | None, cache: K
     assert idx.size(1) == 1 and 0 < slot < cache.capacity, "one new token after a prefill, with room for it"
     cache.pos = slot + 1
     position = slot if positions is None else positions[:, 0]  # the same for every row, or (B,)
-    x = _embed(model, idx[:, 0], position)  # (B, C)
+    x = _embed(model, idx[:, 0], position, previous)  # (B, C)
     rope = None
     if model.config.positional == "rotary":
         rope = model.rope_cos[position], model.rope_sin[position]  # (hs/2,) or (B, hs/2)
@@ -170,8 +174,9 @@ def one_token_hidden(model: GPT, idx: Tensor, positions: Tensor | None, cache: K
     return x[:, None]
 
 
-def _embed(model: GPT, idx: Tensor, position: int | Tensor) -> Tensor:
-    """`model.embed` of one token per row without dropout: (B,) ids at `position` (int or (B,)) -> (B, C).
+def _embed(model: GPT, idx: Tensor, position: int | Tensor, previous: Tensor | None) -> Tensor:
+    """`model.embed` of one token per row without dropout: (B,) ids at `position` (int or (B,)) after the
+    `previous` (B,) ids -> (B, C).
 
     A position shared by every row reads its row of a position table as a view, with no index op."""
     config, transformer = model.config, model.transformer
@@ -185,6 +190,11 @@ def _embed(model: GPT, idx: Tensor, position: int | Tensor) -> Tensor:
         x = x + transformer.wpe.weight[position]
     elif config.positional == "sinusoidal":
         x = x + model.sinusoidal[position].to(x.dtype)
+    if config.bigram_buckets:
+        if previous is None:
+            raise ValueError("This model has bigram embeddings (bigram_buckets > 0): a decoding step needs `previous`.")
+        rows = F.embedding(bigram_bucket(previous, idx, config.bigram_buckets), transformer.bigram.weight)
+        x = x + transformer.bigram_proj(rows)
     return x
 
 
@@ -209,13 +219,17 @@ def _attend(
     return attn.c_proj(y.reshape(B, C))  # one query per row: (B, nh, 1, hs) is (B, C) head after head
 
 
-def _plain_trunk(model: GPT, idx: Tensor, positions: Tensor | None, cache: KVCache) -> Tensor:
-    return model.hidden_states(idx, positions=positions, cache=cache)
+def _plain_trunk(
+    model: GPT, idx: Tensor, positions: Tensor | None, cache: KVCache, previous: Tensor | None = None
+) -> Tensor:
+    return model.hidden_states(idx, positions=positions, cache=cache, previous=previous)
 
 
-def _on_one_thread(fn: Trunk, idx: Tensor, positions: Tensor | None, cache: KVCache) -> Tensor:
+def _on_one_thread(
+    fn: Trunk, idx: Tensor, positions: Tensor | None, cache: KVCache, previous: Tensor | None = None
+) -> Tensor:
     with one_thread():
-        return fn(idx, positions, cache)
+        return fn(idx, positions, cache, previous)
 
 
 @contextmanager
@@ -242,7 +256,7 @@ def _probe_step(trunk: Trunk, cache: KVCache, head: Callable[[Tensor], Tensor] |
     cache.reset()
     cache.pos = 1  # slot 0 stands for the prefill (its zero keys are as good as any for timing)
     try:
-        hidden = trunk(idx, None, cache)
+        hidden = trunk(idx, None, cache, idx[:, 0])
         if head is not None:
             head(hidden[:, -1])
     finally:

@@ -222,9 +222,9 @@ class Scheduler:
         rows = len(self._decoding)
         scored: list[tuple[Job, Tensor]] = []  # (job, (1, V) scores of its next token)
         if rows:
-            last = torch.stack([job._seq[job._n - 1 : job._n] for job in self._decoding])  # (rows, 1)
+            last = torch.stack([job._seq[job._n - 2 : job._n] for job in self._decoding])  # (rows, 2)
             self.cache.rows = rows
-            hidden = self.model.hidden_states(last, cache=self.cache)
+            hidden = self.model.hidden_states(last[:, 1:], cache=self.cache, previous=last[:, 0])
             logits = _head(self.model, rows)(hidden[:, -1])  # (rows, V)
             scored += [(job, logits[r : r + 1]) for r, job in enumerate(self._decoding)]
         for job in self._sliding:
