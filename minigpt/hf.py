@@ -208,6 +208,8 @@ class _HFStep:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40).
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # minigpt's own model class: a cached step with bigram embeddings also reads the token before the new one.
+        self.previous = "previous_token_ids" in params and bool(getattr(hf_model.config, "bigram_buckets", 0))
         self.past: Any = None
 
     def __call__(self, seq: Tensor, pad: Tensor | None, n: int) -> Tensor:
@@ -220,6 +222,8 @@ class _HFStep:
             idx, pad_mask, positions = window(seq, pad, max(0, n - self.context), n)
             keep = None if pad_mask is None else ~pad_mask
         extra = {} if keep is None else {"attention_mask": keep.long(), "position_ids": positions}
+        if self.previous and self.past is not None:  # every prompt has a token, so the one before is never a pad
+            extra["previous_token_ids"] = seq[:, n - 2]
         past = {self.cache_kwarg: self.past}
         out = self.model(input_ids=idx, use_cache=self.use_cache, **past, **self.last_only, **extra)
         self.past = _returned_cache(out) if self.use_cache else None

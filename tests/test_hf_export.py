@@ -37,6 +37,7 @@ from minigpt.convert import (
 from minigpt.data.sources import read_imdb
 from minigpt.errors import UserError
 from minigpt.generation import SamplingConfig, banned_special_ids, generate, generate_text
+from minigpt.hf import hf_generate
 from minigpt.hf_model import source_files
 from minigpt.hf_model.configuration_minigpt import MiniGPTConfig
 from minigpt.hf_model.modeling_minigpt import MiniGPTForCausalLM
@@ -174,6 +175,16 @@ def test_greedy_generate_equals_minigpt(exported, name, use_cache):
     got = hf.generate(ids, attention_mask=mask, generation_config=settings)[:, ids.size(1) :].tolist()
     assert got == expected
     assert len({t for row in got for t in row}) > 3  # real sequences, not one repeated token
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "no-cache"])
+@pytest.mark.parametrize("name", GRID)
+def test_minigpt_loop_over_the_exported_model_equals_minigpt(exported, name, use_cache):
+    """`minigpt compare`'s path: minigpt's decoding loop driving the transformers model (`hf_generate`)."""
+    model, hf = exported[name]
+    expected = [r.tokens for r in generate(model, PROMPTS, SamplingConfig.greedy(20), stop_ids=None)]
+    got = [r.tokens for r in hf_generate(hf, PROMPTS, SamplingConfig.greedy(20), stop_ids=None, use_cache=use_cache)]
+    assert got == expected
 
 
 def _cache(output):
