@@ -373,7 +373,7 @@ def test_kv_cache_is_identical_to_recompute_past_block_size(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head", "adaptive-input"]
+    "arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head", "adaptive-input", "rotary-bigram"]
 )
 def test_kv_cache_with_prompt_longer_than_block_size(arch):
     model = make_model(**ARCHITECTURES[arch])
@@ -384,7 +384,7 @@ def test_kv_cache_with_prompt_longer_than_block_size(arch):
     assert cached == greedy(model, prompt[-16:], 10)[0]
 
 
-@pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head"])
+@pytest.mark.parametrize("arch", ["sinusoidal-postnorm", "learned-prenorm-tied-gpt2", "adaptive-head", "rotary-bigram"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_batched_prompts_equal_one_at_a_time(arch, use_cache):
     model = make_model(**ARCHITECTURES[arch])

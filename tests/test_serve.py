@@ -242,7 +242,7 @@ def reference(model, vocab, ids, sampling, seed) -> list[int]:
     return result.tokens
 
 
-@pytest.mark.parametrize("arch", ["learned-prenorm", "rotary-rmsnorm-swiglu", "adaptive-input"])
+@pytest.mark.parametrize("arch", ["learned-prenorm", "rotary-rmsnorm-swiglu", "adaptive-input", "rotary-bigram"])
 @pytest.mark.parametrize("sampling", ["greedy", "sampled"])
 def test_batched_jobs_equal_each_alone_and_generate(arch, sampling):
     vocab = make_vocab()
