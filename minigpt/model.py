@@ -79,6 +79,11 @@ def bigram_bucket(previous: Tensor, idx: Tensor, buckets: int) -> Tensor:
     return ((previous + 1) * 1_000_003 + idx * 999_983) % buckets
 
 
+def _continues(slots: Tensor) -> bool:
+    """Whether any row's first new slot ((T,) slots for every row, or (B, 1)) comes after cached tokens."""
+    return bool((slots.reshape(-1, slots.size(-1))[:, 0] > 0).any())
+
+
 def _float32(x: Tensor) -> torch.autocast:
     """Autocast off on `x`'s device: `nn.AdaptiveLogSoftmaxWithLoss` writes each cluster's result into a
     tensor of its input's dtype, which fails when autocast computes the clusters in bfloat16, and its
@@ -365,8 +370,8 @@ class GPT(nn.Module):
             attn_mask, is_causal = attention_mask(0, T, key_padding_mask, idx.device)
         else:
             slots, attn_mask, is_causal = cache.prepare(T, key_padding_mask)
-            first_slots = slots.reshape(-1, slots.size(-1))[:, 0]  # each row's first new slot: (T,) or (B, 1) slots
-            if self.config.bigram_buckets and previous is None and bool((first_slots > 0).any()):
+            # Checked only where it matters (a host sync): a first new slot after 0 continues cached tokens.
+            if self.config.bigram_buckets and previous is None and _continues(slots):
                 raise ValueError(
                     "This model has bigram embeddings (bigram_buckets > 0): continuing a cache that holds tokens "
                     "needs the token before each row's first new token (`previous`; `previous_token_ids` in "
@@ -401,10 +406,14 @@ class GPT(nn.Module):
         elif self.config.positional == "sinusoidal":
             x = x + self.sinusoidal[positions].to(x.dtype)
         if self.config.bigram_buckets:
-            before = previous_tokens(idx, previous, key_padding_mask)
-            rows = self.transformer.bigram(bigram_bucket(before, idx, self.config.bigram_buckets))
-            x = x + self.transformer.bigram_proj(rows)
+            x = x + self.bigram_embedding(previous_tokens(idx, previous, key_padding_mask), idx)
         return self.transformer.drop(x)
+
+    def bigram_embedding(self, before: Tensor, idx: Tensor) -> Tensor:
+        """The bigram table's contribution to the embeddings of tokens `idx` after tokens `before` (-1: none),
+        both (...,): (..., n_embd). Only with `bigram_buckets` > 0."""
+        rows = self.transformer.bigram(bigram_bucket(before, idx, self.config.bigram_buckets))
+        return self.transformer.bigram_proj(rows)
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """Apply the output head to hidden states (..., n_embd) -> (..., vocab_size).

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from minigpt.cache import KVCache
 from minigpt.errors import UserError
-from minigpt.model import GPT, CausalSelfAttention, adaptive_input_embedding, apply_rotary, bigram_bucket
+from minigpt.model import GPT, CausalSelfAttention, adaptive_input_embedding, apply_rotary
 
 TrunkChoice = Literal["auto", "plain", "one_thread", "lean", "lean_one_thread"]
 """How a decoding step runs the trunk over one new token per row (see the module docstring)."""
@@ -193,8 +193,7 @@ def _embed(model: GPT, idx: Tensor, position: int | Tensor, previous: Tensor | N
     if config.bigram_buckets:
         if previous is None:
             raise ValueError("This model has bigram embeddings (bigram_buckets > 0): a decoding step needs `previous`.")
-        rows = F.embedding(bigram_bucket(previous, idx, config.bigram_buckets), transformer.bigram.weight)
-        x = x + transformer.bigram_proj(rows)
+        x = x + model.bigram_embedding(previous, idx)
     return x
 
 
