@@ -64,8 +64,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "no_qk_norm": ("no QK-norm", [M + "qk_norm", "false"]),
     "no_zero_init": ("Xavier-initialised output projections instead of zeros", [M + "zero_init_proj", "false"]),
     "bias": ("biases in the blocks", [M + "bias", "true"]),
-    "bigram": ("hashed bigram embeddings: 65,536 rows of 64 features, projected to the width and added to the input",
-               [M + "bigram_buckets", "65536"]),
+    "no_bigram": ("no hashed bigram embeddings (the recipe's table: 65,536 rows of 64 features, projected to the "
+                  "width and added to the input)", [M + "bigram_buckets", "0"]),
     "block128": ("128-token blocks, 32 per batch (the same tokens per step)",
                  ["--data.block_size", "128", "--data.batch_size", "32"]),  # fmt: skip
     "block256": ("256-token blocks, 16 per batch (the same tokens per step)",

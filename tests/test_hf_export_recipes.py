@@ -1,13 +1,12 @@
 """The recipes' checkpoints leave minigpt: exported, then loaded by transformers where minigpt cannot be imported.
 
 `configs/imdb.yaml` (adaptive softmax with tied adaptive input, scaled embeddings, pre-norm with RMSNorm,
-rotary positions, ReLU², QK-norm, no biases) and `configs/seed.yaml` (the tutorial: post-norm, ReLU,
-sinusoidal, untied linear head)
-each train a few steps with `minigpt fit` at their full width on a small synthetic corpus (so the adaptive
-head keeps its first cluster, at 1,000 words). Each checkpoint is exported with `minigpt convert`; a
-separate Python, in which `import minigpt` and `import lightning` fail, loads both folders with
-`AutoModelForCausalLM` (`trust_remote_code=True`, offline) and runs them; its logits and greedy text must
-be minigpt's, `pipeline` must run, and each folder converts back to the same weights.
+rotary positions, ReLU², QK-norm, no biases, hashed bigram embeddings) and `configs/seed.yaml` (the tutorial:
+post-norm, ReLU, sinusoidal, untied linear head) each train a few steps with `minigpt fit` at their full width
+on a small synthetic corpus (so the adaptive head keeps its first cluster, at 1,000 words). Each checkpoint is
+exported with `minigpt convert`; a separate Python, in which `import minigpt` and `import lightning` fail,
+loads both folders with `AutoModelForCausalLM` (`trust_remote_code=True`, offline) and runs them; its logits
+and greedy text must be minigpt's, `pipeline` must run, and each folder converts back to the same weights.
 """
 
 from __future__ import annotations
@@ -124,6 +123,7 @@ def test_recipes_load_and_match_without_minigpt(recipes, tmp_path):
             block = (c.norm, c.activation, c.qk_norm, c.zero_init_proj, c.bias)
             assert block == ("rmsnorm", "relu2", True, True, False)
             assert c.adaptive_cutoffs_used == (1000,) and c.vocab_size > 1000
+            assert (c.bigram_buckets, c.bigram_dim) == (65536, 64)
         else:
             assert (c.head, c.tie_weights, c.positional, c.norm_first, c.activation, c.d_ff) == (
                 "linear", False, "sinusoidal", False, "relu", 2048)  # fmt: skip
