@@ -614,6 +614,19 @@ def levers_script(quality_script, monkeypatch):
     return script
 
 
+@pytest.fixture
+def step_cost_script(levers_script, monkeypatch):
+    """scripts/step_cost.py as a module (it imports its sibling scripts by name)."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "levers", levers_script)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "step_cost.py"
+    spec = importlib.util.spec_from_file_location("step_cost", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -669,3 +682,21 @@ def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path, m
     curves = {line.get_label(): line.get_xydata().tolist() for line in saved[0].axes[0].get_lines()}
     assert curves == {quality_script.RECIPES["imdb"]: [[1, 2.0], [2, 1.0], [5, 0.4], [10, 0.2]],
                       quality_script.RECIPES["seed"]: [[1, 2.9], [2, 2.8]]}  # fmt: skip
+
+
+def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script, tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    options = ["--levers", "no_bigram", "--rounds", "1", "--vocab_size", "2000", "--json", str(out)]
+    report = step_cost_script.main(options)
+    rows = {row["lever"]: row for row in report["rows"]}
+    assert list(rows) == ["recipe", "no_bigram"] and json.loads(out.read_text()) == report
+    # The contenders are the recipe and the recipe without its bigram table (rows and projection).
+    assert rows["recipe"]["parameters"] - rows["no_bigram"]["parameters"] == 65536 * 64 + 64 * 160
+    assert rows["recipe"]["of_recipe"] == 1.0 and rows["no_bigram"]["ms_per_step"] > 0
+    assert "no_bigram" in capsys.readouterr().out
+
+
+def test_step_cost_refuses_a_lever_that_is_not_about_the_model(step_cost_script, capsys):
+    with pytest.raises(SystemExit) as e:
+        step_cost_script.main(["--levers", "block128"])
+    assert e.value.code == 2 and "measure it with scripts/levers.py" in capsys.readouterr().err
