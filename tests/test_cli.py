@@ -589,42 +589,35 @@ def test_a_terminal_keeps_its_progress_bar(corpus, run_here, monkeypatch):
     assert not [line for line in shown.splitlines() if line.startswith("step ")]  # no plain progress lines
 
 
-@pytest.fixture
-def quality_script():
-    """scripts/quality_vs_minutes.py as a module."""
+def load_script(name: str):
+    """scripts/NAME.py as a module."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "quality_vs_minutes.py"
-    spec = importlib.util.spec_from_file_location("quality_vs_minutes", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
+
+
+@pytest.fixture
+def quality_script():
+    """scripts/quality_vs_minutes.py as a module."""
+    return load_script("quality_vs_minutes")
 
 
 @pytest.fixture
 def levers_script(quality_script, monkeypatch):
     """scripts/levers.py as a module (it imports its sibling script by name, as `python scripts/levers.py` does)."""
-    import importlib.util
-
     monkeypatch.setitem(sys.modules, "quality_vs_minutes", quality_script)
-    path = Path(__file__).resolve().parents[1] / "scripts" / "levers.py"
-    spec = importlib.util.spec_from_file_location("levers", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("levers")
 
 
 @pytest.fixture
 def step_cost_script(levers_script, monkeypatch):
     """scripts/step_cost.py as a module (it imports its sibling scripts by name)."""
-    import importlib.util
-
     monkeypatch.setitem(sys.modules, "levers", levers_script)
-    path = Path(__file__).resolve().parents[1] / "scripts" / "step_cost.py"
-    spec = importlib.util.spec_from_file_location("step_cost", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("step_cost")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
