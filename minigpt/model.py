@@ -136,10 +136,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` computed in float32 and returned in the input's dtype.
+
+    Under bf16 autocast the q/k projections arrive in bfloat16 while the weight stays float32, a pair
+    torch's fused kernel refuses (it falls back, with a warning); float32 statistics are the more accurate.
+    The parameters and the state dict are `nn.RMSNorm`'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     """The block's normalisation over `dim` features: LayerNorm (with a bias when `config.bias`) or RMSNorm."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
+        return RMSNorm(dim, eps=config.layer_norm_eps)
     return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
 
 
@@ -151,8 +163,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(config.head_size, eps=config.layer_norm_eps)
-            self.k_norm = nn.RMSNorm(config.head_size, eps=config.layer_norm_eps)
+            self.q_norm = RMSNorm(config.head_size, eps=config.layer_norm_eps)
+            self.k_norm = RMSNorm(config.head_size, eps=config.layer_norm_eps)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.qk_norm, self.layer = config.qk_norm, layer
 

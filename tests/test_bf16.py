@@ -5,6 +5,7 @@
 - `minigpt fit --trainer.precision bf16-mixed` and `minigpt fit --model.compile true` end to end, tiny.
 """
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,14 @@ def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+# configs/imdb.yaml's model at tiny sizes: RMSNorm, rotary positions, QK-norm, ReLU², the adaptive head and input.
+RECIPE_BLOCK = dict(
+    norm_first=True, positional="rotary", norm="rmsnorm", activation="relu2", qk_norm=True, zero_init_proj=True,
+    bias=False, head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, scale_embedding=True, bigram_buckets=64,
+    bigram_dim=8,
+)
+
+
 @pytest.mark.parametrize("loss_kernel", ["plain", "fused"])
 @pytest.mark.parametrize(
     "arch",
@@ -43,8 +52,9 @@ def bf16():
         dict(norm_first=True, positional="learned", tie_weights=True),
         dict(norm_first=True, positional="learned", head="adaptive", adaptive_cutoffs=(8, 20)),
         dict(norm_first=True, positional="learned", head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True),
+        RECIPE_BLOCK,
     ],
-    ids=["seed", "gpt2", "adaptive", "adaptive-input"],
+    ids=["seed", "gpt2", "adaptive", "adaptive-input", "recipe"],
 )
 def test_training_step_under_bf16_autocast_matches_float32(loss_kernel, arch):
     idx, targets = batch()
@@ -100,6 +110,25 @@ def test_adaptive_head_under_bf16_autocast():
     torch.testing.assert_close(log_probs.exp(), model(idx).exp(), atol=1e-2, rtol=0)  # vs float32
 
 
+def test_recipe_block_under_bf16_autocast_warns_nothing():
+    # The q/k projections come out of autocast in bf16 while the norms' weights are float32: the norms compute
+    # in float32 and hand back bf16 (torch's fused RMSNorm refuses the mixed pair with a warning on every run).
+    model = tiny("fused", **RECIPE_BLOCK)
+    idx, targets = batch(seed=4)
+    normed = {}
+    q_norm = model.transformer.h[0].attn.q_norm
+    handle = q_norm.register_forward_hook(lambda m, args, out: normed.update(q=(args[0], out)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bf16():
+            loss = model.loss(idx, targets)
+        loss.backward()
+    handle.remove()
+    q_in, q_out = normed["q"]
+    assert q_in.dtype == q_out.dtype == torch.bfloat16
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -124,10 +153,16 @@ def test_fit_bf16_mixed(corpus):
 
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
-        ckpt = fit(corpus, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "6",
-                   "--trainer.val_check_interval", "3")  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ckpt = fit(corpus, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "6",
+                       "--trainer.val_check_interval", "3", "--model.config.norm_first", "true",
+                       "--model.config.norm", "rmsnorm", "--model.config.qk_norm", "true",
+                       "--trainer.enable_model_summary", "true")  # fmt: skip
     finally:
         handle.remove()
+    # Neither the recipe's block nor Lightning's model summary has anything to say about bf16-mixed.
+    assert [str(w.message) for w in caught if "bf16" in str(w.message).lower() or "dtype" in str(w.message)] == []
     assert seen["train"] == {torch.bfloat16}  # the training matmuls ran in bf16 under the run's autocast
     assert torch.bfloat16 in seen["other"]  # and so did validation
     assert ckpt["global_step"] == 6

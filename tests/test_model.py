@@ -6,7 +6,7 @@ import torch.nn as nn
 from script_loader import load_script
 
 from minigpt.config import GPTConfig
-from minigpt.model import GPT, adaptive_input_embedding, lm_loss
+from minigpt.model import GPT, RMSNorm, adaptive_input_embedding, lm_loss
 
 TransformerModel = load_script("tutorial_model").TransformerModel  # scripts/tutorial_model.py
 
@@ -504,7 +504,7 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
 def test_norm_kind(norm):
     model = make_model(norm=norm)  # post-norm: every block ends in its norm (unit gain at init)
     kinds = {type(m) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
-    assert kinds == {nn.LayerNorm if norm == "layernorm" else nn.RMSNorm}
+    assert kinds == {nn.LayerNorm if norm == "layernorm" else RMSNorm}
     with torch.no_grad():
         h = model.hidden_states(random_ids(32, 2, 8))
     torch.testing.assert_close(h.pow(2).mean(-1), torch.ones(2, 8), atol=1e-3, rtol=0)  # unit RMS either way
