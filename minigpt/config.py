@@ -76,6 +76,9 @@ class GPTConfig:
     token (nor has a token after a pad): it reads the row of (none, token)."""
     bigram_dim: int = 64
     """Width of the bigram table's rows (only with bigram_buckets > 0)."""
+    bigram_dropout: float = 0.0
+    """Dropout on the bigram rows read in training (only with bigram_buckets > 0): each row sees only the pairs
+    that hash to it, so over several passes it learns the training text's continuations by heart."""
 
     # Output head
     head: Head = "linear"
@@ -115,8 +118,9 @@ class GPTConfig:
             raise ValueError(f"bigram_buckets must be an integer >= 0 (0: none), got {self.bigram_buckets!r}.")
         if not _is_int(self.bigram_dim) or self.bigram_dim < 1:
             raise ValueError(f"bigram_dim must be an integer >= 1, got {self.bigram_dim!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        for name in ("dropout", "bigram_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
         _check_literal("positional", self.positional, Positional)

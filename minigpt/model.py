@@ -425,6 +425,7 @@ class GPT(nn.Module):
         """The bigram table's contribution to the embeddings of tokens `idx` after tokens `before` (-1: none),
         both (...,): (..., n_embd). Only with `bigram_buckets` > 0."""
         rows = self.transformer.bigram(bigram_bucket(before, idx, self.config.bigram_buckets))
+        rows = F.dropout(rows, self.config.bigram_dropout, self.training)
         return self.transformer.bigram_proj(rows)
 
     def head_logits(self, hidden: Tensor) -> Tensor:

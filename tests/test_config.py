@@ -23,6 +23,7 @@ from minigpt.config import GPTConfig
         (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be divisible by n_head \(4\)"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1\.0"),
         (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0\.1"),
+        (dict(bigram_dropout=1.0), r"bigram_dropout must be in \[0, 1\), got 1\.0"),
         (dict(layer_norm_eps=0.0), r"layer_norm_eps must be > 0, got 0\.0"),
         (dict(bigram_buckets=-1), r"bigram_buckets must be an integer >= 0 \(0: none\), got -1"),
         (dict(bigram_buckets=2.5), r"bigram_buckets must be an integer >= 0 \(0: none\), got 2\.5"),

@@ -6,7 +6,7 @@ import torch.nn as nn
 from script_loader import load_script
 
 from minigpt.config import GPTConfig
-from minigpt.model import GPT, RMSNorm, adaptive_input_embedding, lm_loss
+from minigpt.model import GPT, RMSNorm, adaptive_input_embedding, bigram_bucket, lm_loss
 
 TransformerModel = load_script("tutorial_model").TransformerModel  # scripts/tutorial_model.py
 
@@ -392,6 +392,26 @@ def test_bigram_embedding_reads_the_token_before():
             model(idx[:, 4:5], cache=cache)
         with pytest.raises(ValueError, match=r"previous must have shape \(2,\), one token per row, got \(2, 1\)"):
             model(idx[:, 4:5], cache=cache, previous=idx[:, 3:4])
+
+
+def test_bigram_dropout_drops_table_features_in_training_only():
+    model = make_model(bigram_buckets=40, bigram_dim=8, bigram_dropout=0.5)
+    idx = random_ids(32, 4, 16)
+    before = torch.full_like(idx, -1)
+    with torch.no_grad():
+        rows = model.transformer.bigram(bigram_bucket(before, idx, 40))
+        kept = rows.clone()
+        model.eval()
+        torch.testing.assert_close(model.bigram_embedding(before, idx), model.transformer.bigram_proj(rows))
+        model.train()
+        # Seen through the projection, a dropped feature is zero and a kept one is scaled by 1 / (1 - p).
+        captured = {}
+        handle = model.transformer.bigram_proj.register_forward_hook(lambda m, a, out: captured.update(x=a[0]))
+        model.bigram_embedding(before, idx)
+        handle.remove()
+    dropped = captured["x"] == 0
+    assert 0.4 < dropped.float().mean() < 0.6
+    torch.testing.assert_close(captured["x"][~dropped], 2 * kept[~dropped])
 
 
 def test_kv_cache_rejects_overflow_and_wrong_batch():
