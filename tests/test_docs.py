@@ -173,6 +173,9 @@ NOT_RUNNABLE = {
     # docs/results.md
     "python scripts/quality_vs_minutes.py --archive aclImdb_v1.tar.gz": "hours of training on the official "
     "archive",
+    "minigpt fit --data.archive aclImdb_v1.tar.gz --seed_everything 42 [--model.config.bigram_dropout 0.3]\n"
+    "minigpt evaluate --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --split test --archive "
+    "aclImdb_v1.tar.gz": "10 minutes of training on the official archive, with an optional option in brackets",
     # docs/benchmarks.md
     "python scripts/bench_train.py --json\npython scripts/bench_generate.py --json\n"
     "python scripts/bench_data.py --scale 20\npython scripts/bench_cli.py": "over 10 minutes of timing on a quiet "
