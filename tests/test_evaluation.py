@@ -78,7 +78,8 @@ def test_evaluate_equals_trainer_test(tiny_archive, tmp_path, monkeypatch, capsy
           "--trainer.enable_progress_bar", "false"])  # fmt: skip
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     capsys.readouterr()
-    main(["test", "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"])
+    # evaluate computes in float32; the Trainer would pick bf16-mixed on a CPU with native bf16.
+    main(["test", "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"])
     out = capsys.readouterr().out
     # Lightning's results table has rich's "│" borders only when rich is installed: take the row's number.
     row = next(line for line in out.splitlines() if "test_loss" in line)

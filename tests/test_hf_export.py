@@ -93,6 +93,7 @@ ALTERNATIVES = {
     "adaptive_div_value": (2.0, {"head": "adaptive", "adaptive_cutoffs": (20,)}),
     "bigram_buckets": (50, {}),
     "bigram_dim": (8, {"bigram_buckets": 50}),
+    "bigram_dropout": (0.2, {"bigram_buckets": 50}),
 }
 
 
