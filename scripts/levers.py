@@ -66,7 +66,7 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "bias": ("biases in the blocks", [M + "bias", "true"]),
     "no_bigram": ("no hashed bigram embeddings (the recipe's table: 65,536 rows of 64 features, projected to the "
                   "width and added to the input)", [M + "bigram_buckets", "0"]),
-    "bigram_dropout0.3": ("dropout 0.3 on the bigram table's rows in training", [M + "bigram_dropout", "0.3"]),
+    "bigram_dropout0": ("no dropout on the bigram table's rows instead of 0.3", [M + "bigram_dropout", "0"]),
     "bigram16k": ("a bigram table of 16,384 rows instead of 65,536", [M + "bigram_buckets", "16384"]),
     "dropout0.1": ("dropout 0.1 in the embeddings and blocks instead of none", [M + "dropout", "0.1"]),
     "block128": ("128-token blocks, 32 per batch (the same tokens per step)",

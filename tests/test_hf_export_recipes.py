@@ -123,7 +123,7 @@ def test_recipes_load_and_match_without_minigpt(recipes, tmp_path):
             block = (c.norm, c.activation, c.qk_norm, c.zero_init_proj, c.bias)
             assert block == ("rmsnorm", "relu2", True, True, False)
             assert c.adaptive_cutoffs_used == (1000,) and c.vocab_size > 1000
-            assert (c.bigram_buckets, c.bigram_dim) == (65536, 64)
+            assert (c.bigram_buckets, c.bigram_dim, c.bigram_dropout) == (65536, 64, 0.3)
         else:
             assert (c.head, c.tie_weights, c.positional, c.norm_first, c.activation, c.d_ff) == (
                 "linear", False, "sinusoidal", False, "relu", 2048)  # fmt: skip
