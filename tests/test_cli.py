@@ -196,6 +196,7 @@ def test_prepare_json(corpus, capsys):
         (["fit", "--data.batch_size", "0"], "batch_size must be >= 1"),
         (["fit", "--model.config.dropout", "-0.1"], "dropout"),
         (["fit", "--data.min_freq", "0"], "min_freq"),
+        (["fit", "--data.include_unsup", "maybe"], "data.include_unsup must be true, false or auto, got 'maybe'"),
         (["fit", "--model.optimizer", "muonx"], "Literal['adam', 'adamw', 'muon']. Got value: muonx"),
         (["fit", "--data.archive", "/no/such/aclImdb_v1.tar.gz"], "does not exist"),
         (["validate", "--ckpt_path", "/no/such.ckpt"], "does not exist"),
@@ -455,6 +456,18 @@ def test_evaluate_without_split_uses_test_of_the_official_archive(tiny_archive, 
     main(["evaluate", "--ckpt_path", str(run_here / "lightning_logs/version_0/checkpoints/last.ckpt"), "--json"])
     captured = capsys.readouterr()
     assert json.loads(captured.out)["data"] == "imdb test" and "evaluating the test split" in captured.err
+
+
+def test_evaluate_reads_the_unsup_reviews_as_the_run_resolved_them(tiny_archive):
+    from minigpt.commands.evaluate import corpus_spec
+
+    def spec(resolved):
+        data = {"source": "auto", "include_unsup": "auto", "resolved_include_unsup": resolved}
+        return corpus_spec({"minigpt": {"data": data}}, str(tiny_archive))[0]
+
+    # trained on the bundled reviews (auto: without them), scored on the archive: the same training text
+    assert (spec(False).source, spec(False).include_unsup) == ("imdb", False)
+    assert spec(True).include_unsup is True
 
 
 def test_prepare_shows_the_default_recipe_or_the_given_config(corpus, tmp_path, capsys):

@@ -366,6 +366,32 @@ def test_val_split_test_without_the_archive_says_what_it_uses(tmp_path, caplog):
         IMDBDataModule(val_split="dev")
 
 
+def test_include_unsup_auto_takes_the_unsup_reviews_only_from_the_archive(tiny_archive, tmp_path, caplog):
+    with_unsup = prepare_corpus(CorpusSpec(archive=str(tiny_archive), include_unsup=True), tmp_path / "c")
+    auto = prepare_corpus(CorpusSpec(archive=str(tiny_archive), include_unsup="auto"), tmp_path / "c")
+    without = prepare_corpus(CorpusSpec(archive=str(tiny_archive)), tmp_path / "c")
+    assert auto.path == with_unsup.path != without.path  # resolved before the cache key
+    assert len(auto.splits["train"]["ids"]) > len(without.splits["train"]["ids"])
+    with caplog.at_level(logging.INFO, logger="minigpt"):
+        dm = IMDBDataModule(archive=str(tiny_archive), include_unsup="auto", cache_dir=str(tmp_path / "c"))
+        assert dm.corpus.path == auto.path
+    assert dm.hparams["resolved_include_unsup"] is True  # what `evaluate --archive` reads back
+    assert any(r.getMessage().endswith("with its unlabelled reviews)") for r in caplog.records)
+    corpus_file = write_corpus(tmp_path / "corpus.txt", 50)
+    text_auto = prepare_corpus(CorpusSpec(source="text", text_path=str(corpus_file), include_unsup="auto"), tmp_path)
+    assert text_auto.path == prepare_corpus(CorpusSpec(source="text", text_path=str(corpus_file)), tmp_path).path
+    with pytest.raises(DataError, match="include_unsup true needs the official archive.*your text files"):
+        prepare_corpus(CorpusSpec(source="text", text_path=str(corpus_file), include_unsup=True), tmp_path)
+    # source auto without an archive falls back to the bundled reviews, which have no unsup ones;
+    # it says so before building anything
+    with pytest.raises(DataError, match="include_unsup true needs the official archive.*bundled"):
+        prepare_corpus(CorpusSpec(include_unsup=True), tmp_path / "empty_cache")
+    with pytest.raises(ValueError, match="include_unsup must be true, false or auto"):
+        IMDBDataModule(include_unsup="yes")
+    with pytest.raises(ValueError, match="include_unsup needs the official archive"):
+        IMDBDataModule(source="text", text_path=str(corpus_file), include_unsup=True)
+
+
 def test_seed_config_uses_the_official_test_split_for_validation():
     import yaml
 

@@ -91,6 +91,9 @@ def corpus_spec(ckpt: dict, archive: str | None) -> tuple[CorpusSpec, Path]:
     kwargs = {k: v for k, v in data.items() if k in known}
     if archive:
         kwargs.update(source="imdb", archive=archive)
+    if kwargs.get("include_unsup") == "auto":
+        # as the run resolved it: a run on the bundled reviews scored on the archive keeps its vocabulary
+        kwargs["include_unsup"] = bool(data.get("resolved_include_unsup"))
     cache = Path(data["cache_dir"]).expanduser() if data.get("cache_dir") else default_cache_dir()
     return CorpusSpec(**kwargs), cache
 

