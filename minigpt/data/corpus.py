@@ -108,10 +108,9 @@ def prepare_corpus(spec: CorpusSpec, cache_dir: str | Path) -> Corpus:
         spec = replace(spec, include_unsup=kind == "imdb")  # resolved before the cache key: one entry per data
     elif spec.include_unsup and kind != "imdb":
         raise DataError(
-            f"data.include_unsup true needs the official archive, but this run's data is {_DATA_NAMES[kind]}; pass "
-            "--data.archive "
-            "PATH/aclImdb_v1.tar.gz (or --data.download true), or --data.include_unsup auto to use the unsup "
-            "reviews only when the archive is there"
+            f"data.include_unsup true needs the official archive, but this run's data is {_DATA_NAMES[kind]}; "
+            "pass --data.archive PATH/aclImdb_v1.tar.gz (or --data.download true), or --data.include_unsup auto "
+            "to use the unsup reviews only when the archive is there"
         )
     bpe_size = bpe_training_size(spec.tokenizer)
     pretrained = load_tokenizer(spec.tokenizer) if spec.tokenizer and not bpe_size else None

