@@ -8,7 +8,7 @@ Each (recipe, budget, seed) is its own `minigpt fit --config RECIPE --trainer.ma
 the other, so every run has the machine to itself and a recipe whose schedule follows its budget (imdb) ends
 its decay at its own budget, as a user who trains for that long would. Each run's last checkpoint is scored
 with `minigpt evaluate --split test` on `--max_docs` reviews spread evenly over the official test split; the
-10-minute runs of the recommended recipe (every seed) are also scored on all 25,000 test reviews.
+runs of the recommended recipe of 10 minutes (every seed) and longer are also scored on all 25,000 test reviews.
 
 Budgets: the tutorial's recipe (`seed`) runs the budgets up to 10 minutes; the recommended one (`imdb`) runs
 them all. Seeds other than the first run the 10-minute budget only (the spread of the headline number).
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"imdb": "the recommended recipe (configs/imdb.yaml)", "seed": "the tutorial's recipe (configs/seed.yaml)"}
 TUTORIAL_MAX_MINUTES = 10  # the tutorial's recipe learns little more per minute; its budgets stop here
-HEADLINE_MINUTES = 10  # the budget scored on the whole test split, for every seed
+HEADLINE_MINUTES = 10  # the budget run with every seed; it and the longer ones are scored on the whole test split
 
 
 def minigpt(*args: str) -> list[str]:
@@ -54,6 +54,12 @@ def max_time(minutes: float) -> str:
     """Lightning's DD:HH:MM:SS for a budget in minutes."""
     seconds = round(minutes * 60)
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def scored_whole(recipe: str, minutes: float) -> bool:
+    """Whether a run is also scored on all 25,000 test reviews: the recommended recipe's headline budget and
+    the longer ones, whose numbers the docs quote."""
+    return recipe == "imdb" and minutes >= HEADLINE_MINUTES
 
 
 def score(ckpt: Path, folder: Path, split: str, max_docs: int) -> dict:
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                 def work() -> dict:
                     ckpt, row = train(fit, folder, minutes * 60)
                     row["test"] = score(ckpt, folder, "test", args.max_docs)
-                    if headline:  # the whole split (already scored when --max_docs 0)
+                    if scored_whole(name, minutes):  # (already the whole split when --max_docs 0)
                         row["test_all"] = score(ckpt, folder, "test", 0) if args.max_docs else row["test"]
                     return row
 

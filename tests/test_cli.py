@@ -673,6 +673,12 @@ def test_quality_script_reruns_a_command_whose_config_file_changed(quality_scrip
     assert quality_script.config_digests(command) != before
 
 
+def test_quality_script_scores_the_headline_and_longer_budgets_on_the_whole_split(quality_script):
+    whole = {(recipe, minutes) for recipe in quality_script.RECIPES for minutes in (1, 5, 10, 30)
+             if quality_script.scored_whole(recipe, minutes)}  # fmt: skip
+    assert whole == {("imdb", 10), ("imdb", 30)}
+
+
 def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
