@@ -8,7 +8,8 @@ one run to the next (another process, a slower hour) moves the number of steps a
 does. This script measures only the cost: every contender (the recipe as `minigpt fit --config CONFIG
 --print_config` prints it, then the recipe with each lever's options) is built in one process, and they
 take turns, one training step each per round, so load from elsewhere hits them alike. A step is what
-`minigpt fit` runs for it, without Lightning: the loss, the backward pass, clipping at the recipe's
+`minigpt fit` runs for it, without Lightning: the loss (under bf16 autocast when the recipe trains in
+`bf16-mixed`, as `minigpt fit` does on a CPU with native bf16), the backward pass, clipping at the recipe's
 `gradient_clip_val`, the optimizer the module configures, zeroing the gradients. The tokens are drawn
 independently from a Zipf distribution over `--vocab_size` words (word frequencies follow one, and the
 adaptive head's cost depends on which cluster a target falls in); the batch has the recipe's shape.
@@ -60,11 +61,13 @@ class Contender:
         self.module = LitMiniGPT(config, **model)
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.clip = cfg["trainer"]["gradient_clip_val"]
+        self.bf16 = cfg["trainer"].get("precision") == "bf16-mixed"  # Lightning's autocast around the loss
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
-        nll_sum, count = self.module.model.loss_sum_and_count(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            nll_sum, count = self.module.model.loss_sum_and_count(x, y)
         (nll_sum / count.clamp(min=1)).backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {name: statistics.median(c.times) for name, c in contenders.items()}
     report = {
         "machine": machine(), "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+        "precision": cfgs["recipe"]["trainer"].get("precision"),
         "command": " ".join(["python", "scripts/step_cost.py", *(sys.argv[1:] if argv is None else argv)]),
         "rows": [
             {"lever": name, "what": LEVERS[name][0], "options": LEVERS[name][1],

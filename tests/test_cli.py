@@ -708,6 +708,20 @@ def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script
     assert "no_bigram" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
+def test_step_cost_computes_the_loss_in_the_recipes_precision(step_cost_script, precision, autocast, monkeypatch):
+    # `minigpt fit` trains in bf16-mixed on a CPU with native bf16: a step timed in float32 there would not
+    # be the step the runs take.
+    cfg = step_cost_script.recipe("tiny", [])
+    cfg["trainer"]["precision"] = precision
+    contender = step_cost_script.Contender(cfg, vocab_size=50)
+    loss, seen = contender.module.model.loss_sum_and_count, []
+    monkeypatch.setattr(contender.module.model, "loss_sum_and_count",
+                        lambda x, y: (seen.append(torch.is_autocast_enabled("cpu")), loss(x, y))[1])  # fmt: skip
+    tokens = torch.randint(0, 50, (2, 8))
+    assert contender.step(tokens, tokens) > 0 and seen == [autocast]
+
+
 def test_step_cost_refuses_a_lever_that_is_not_about_the_model(step_cost_script, capsys):
     with pytest.raises(SystemExit) as e:
         step_cost_script.main(["--levers", "block128"])
