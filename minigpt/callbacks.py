@@ -7,6 +7,7 @@
 * `LearningRateLog`: one learning-rate curve per distinct rate.
 * `ProgressBar`: Lightning's bar, showing the run's version as ``version``.
 * `EMAWeights`: an exponential moving average of the weights (Lightning's `WeightAveraging`), opt-in.
+* `KeepFreedMemory`: freed memory stays in the process for the next step (`minigpt.allocator`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, Timer, TQDMProgressBar, Weight
 from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from minigpt.allocator import keep_freed_memory
 from minigpt.checkpointing import RunCheckpoint, last_checkpoint_path
 from minigpt.generation import SamplingConfig, generate_text
 from minigpt.lit_module import is_logging_step, log_to_loggers
@@ -282,6 +284,17 @@ class LearningRateLog(Callback):
             else:
                 stats.update({f"{name}-pg{j}": rate for j, rate in enumerate(rates)})
         log_to_loggers(trainer, stats, step=trainer.global_step + 1)  # the rate of the step this batch makes
+
+
+class KeepFreedMemory(Callback):
+    """Keep freed memory in the process (`minigpt.allocator.keep_freed_memory`) once the data is ready.
+
+    From `setup` on, which Lightning calls after `prepare_data`: preparing the data streams through
+    buffers that it should hand back, the steps after it allocate the same tensors again and again.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        keep_freed_memory()
 
 
 class ProgressBar(TQDMProgressBar):

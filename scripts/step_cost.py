@@ -10,7 +10,8 @@ does. This script measures only the cost: every contender (the recipe as `minigp
 take turns, one training step each per round, so load from elsewhere hits them alike. A step is what
 `minigpt fit` runs for it, without Lightning: the loss (under bf16 autocast when the recipe trains in
 `bf16-mixed`, as `minigpt fit` does on a CPU with native bf16), the backward pass, clipping at the recipe's
-`gradient_clip_val`, the optimizer the module configures, zeroing the gradients. The tokens are drawn
+`gradient_clip_val`, the optimizer the module configures, zeroing the gradients, with freed memory kept in
+the process as `minigpt fit` keeps it (`minigpt.allocator`). The tokens are drawn
 independently from a Zipf distribution over `--vocab_size` words (word frequencies follow one, and the
 adaptive head's cost depends on which cluster a target falls in); the batch has the recipe's shape.
 The table shows each contender's parameters, its median step time over the rounds (after 3 rounds of warm-up) and its
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts,
 from levers import LEVERS  # noqa: E402
 from quality_vs_minutes import machine, minigpt  # noqa: E402
 
+from minigpt.allocator import keep_freed_memory  # noqa: E402
 from minigpt.config import GPTConfig  # noqa: E402
 from minigpt.lit_module import LitMiniGPT  # noqa: E402
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "minutes of training: measure it with scripts/levers.py")  # fmt: skip
     names = ["recipe", *(n for n in args.levers if n != "recipe")]
     cfgs = {name: recipe(args.config, LEVERS[name][1]) for name in names}
+    keep_freed_memory()
     torch.manual_seed(0)
     try:
         contenders = {name: Contender(cfg, args.vocab_size) for name, cfg in cfgs.items()}

@@ -435,6 +435,19 @@ def test_progress_bar_shows_the_version():
 
 
 # -- commands --------------------------------------------------------------------------------------------------
+def test_fit_and_evaluate_keep_freed_memory_once_the_data_is_ready(corpus, run_here, tiny_ckpt, monkeypatch):
+    import minigpt.callbacks as callbacks
+    import minigpt.commands.evaluate as evaluate
+
+    calls = []
+    monkeypatch.setattr(callbacks, "keep_freed_memory", lambda: calls.append("fit"))
+    monkeypatch.setattr(evaluate, "keep_freed_memory", lambda: calls.append("evaluate"))
+    fit(corpus, "--trainer.max_steps", "2")
+    assert calls == ["fit"]  # once, from the callback's setup, which Lightning calls after prepare_data
+    main(["evaluate", "--ckpt_path", str(tiny_ckpt), "--max_docs", "2"])
+    assert calls == ["fit", "evaluate"]
+
+
 def test_evaluate_without_split_picks_one_the_data_has_and_says_which(tiny_ckpt, capsys):
     main(["evaluate", "--ckpt_path", str(tiny_ckpt), "--max_docs", "3", "--json"])
     captured = capsys.readouterr()

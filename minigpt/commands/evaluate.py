@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minigpt.allocator import keep_freed_memory
 from minigpt.checkpoint import data_settings, model_from_checkpoint, read_checkpoint
 from minigpt.commands._common import Output
 from minigpt.data.corpus import Corpus, prepare_corpus
@@ -60,6 +61,7 @@ def evaluate(
         chars = sum(map(len, texts))
     else:
         ids, offsets, chars, what = _split_documents(ckpt, tokenizer, split, archive, max_docs, out)
+    keep_freed_memory()  # the data is in memory; each batch allocates what the last one freed
     result = evaluate_ids(
         model, ids, offsets, chars, unk_index=tokenizer.unk_index, eot_index=tokenizer.eot_index, stride=stride,
         pad_index=tokenizer.pad_index, batch_size=batch_size, device=device,

@@ -31,6 +31,7 @@ from minigpt.callbacks import (
     EarlyValidation,
     GenerationCallback,
     GracefulStop,
+    KeepFreedMemory,
     LearningRateLog,
     ProgressBar,
     ProgressLog,
@@ -327,7 +328,7 @@ def run_lightning_cli(command: str, argv: list[str]) -> None:
         load_yaml_file(path)  # a YAML error names the file, line and column (the parser says neither)
     _quiet_lightning()
     terminal = sys.stdout.isatty()
-    callbacks = [LearningRateLog(), GracefulStop()]
+    callbacks = [LearningRateLog(), GracefulStop(), KeepFreedMemory()]
     callbacks.append(ProgressBar() if terminal else ProgressLog())
     try:
         cli = _build_and_run(command, argv, terminal, callbacks)
