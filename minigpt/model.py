@@ -109,6 +109,34 @@ def adaptive_input_embedding(idx: Tensor, adaptive: nn.AdaptiveLogSoftmaxWithLos
     return x
 
 
+def adaptive_nll(adaptive: nn.AdaptiveLogSoftmaxWithLoss, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Each row's negative log-likelihood of its target under the adaptive softmax: (N, C), (N,) -> (N,) float32.
+
+    The loss of `nn.AdaptiveLogSoftmaxWithLoss`, with its matrix products in the dtype autocast gives them
+    (bfloat16 under `bf16-mixed`, as the linear head's) and every log-softmax in float32; the module itself
+    writes each cluster's result into a tensor of its input's dtype, which fails under autocast. A target of
+    tail cluster i costs the head's log-probability of the cluster plus the cluster's of the word, computed
+    on the rows whose targets fall in it only (a host synchronisation per cluster).
+    """
+    if targets.numel() and (targets.min() < 0 or targets.max() >= adaptive.n_classes):
+        raise ValueError(f"targets must be in [0, {adaptive.n_classes - 1}], got [{targets.min()}, {targets.max()}]")
+    short = adaptive.shortlist_size
+    column = targets.clamp(max=short - 1)  # the head's column of each target: its word, or its cluster
+    tails = []
+    for i, (lo, hi) in enumerate(zip(adaptive.cutoffs, adaptive.cutoffs[1:])):
+        inside = (targets >= lo) & (targets < hi)
+        column = torch.where(inside, short + i, column)
+        tails.append((i, lo, inside.nonzero().squeeze(1)))
+    head = F.log_softmax(adaptive.head(hidden).float(), dim=1)
+    nll = -head.gather(1, column.unsqueeze(1)).squeeze(1)
+    for i, lo, rows in tails:
+        if rows.numel():
+            cluster = F.log_softmax(adaptive.tail[i](hidden.index_select(0, rows)).float(), dim=1)
+            word = (targets.index_select(0, rows) - lo).unsqueeze(1)
+            nll = nll.index_add(0, rows, -cluster.gather(1, word).squeeze(1))
+    return nll
+
+
 def sinusoidal_positions(block_size: int, n_embd: int) -> Tensor:
     """(block_size, n_embd) table of "Attention Is All You Need", as the tutorial's `PositionalEncoding`
     builds it: sin on even features, cos on odd ones."""
@@ -488,9 +516,7 @@ class GPT(nn.Module):
             # Run the head on the empty batch anyway so every parameter still gets a (zero) gradient.
             return self.head_logits(hidden).float().sum(), count
         if self.config.head == "adaptive":
-            # `.output` holds each row's target log-probability.
-            with _float32(hidden):
-                return -self.adaptive(hidden.float(), targets).output.sum(), count
+            return adaptive_nll(self.adaptive, hidden.float(), targets).sum(), count
         workspace = self.__dict__.setdefault("_loss_workspace", Workspace())
         nll_sum = fused_linear_nll_sum(
             hidden, self.lm_head.weight, self.lm_head.bias, targets, chunk_size=chunk_size, workspace=workspace

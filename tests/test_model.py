@@ -287,6 +287,19 @@ def test_adaptive_head_log_probabilities_and_loss():
     assert not hasattr(model, "lm_head")
 
 
+def test_adaptive_loss_under_bf16_autocast_multiplies_in_bf16_and_normalises_in_float32():
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20))
+    idx, targets = random_ids(32, 3, 16, seed=9), random_ids(32, 3, 16, seed=10)
+    dtypes = []
+    model.adaptive.head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.loss(idx, targets)
+    assert dtypes == [torch.bfloat16] and mixed.dtype == torch.float32
+    mixed.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    torch.testing.assert_close(mixed, model.loss(idx, targets), atol=0.05, rtol=0)
+
+
 def test_adaptive_input_embedding_is_tied_to_the_adaptive_head():
     model = make_model(head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, n_embd=32)
     untied = make_model(head="adaptive", adaptive_cutoffs=(8, 20), n_embd=32)
