@@ -300,6 +300,14 @@ def test_adaptive_loss_under_bf16_autocast_multiplies_in_bf16_and_normalises_in_
     torch.testing.assert_close(mixed, model.loss(idx, targets), atol=0.05, rtol=0)
 
 
+def test_adaptive_loss_refuses_targets_outside_the_vocabulary():
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20))
+    idx, targets = random_ids(32, 2, 8, seed=9), random_ids(32, 2, 8, seed=10)
+    targets[1, 3] = 32
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 31\], got \[\d+, 32\]"):
+        model.loss(idx, targets)
+
+
 def test_adaptive_input_embedding_is_tied_to_the_adaptive_head():
     model = make_model(head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, n_embd=32)
     untied = make_model(head="adaptive", adaptive_cutoffs=(8, 20), n_embd=32)
