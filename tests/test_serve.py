@@ -486,8 +486,10 @@ def test_a_full_queue_is_429_with_retry_after(ckpt):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_goes_away_frees_its_row_at_the_next_step(ckpt, stream):
-    app = serve_app(ckpt, max_batch=1, max_tokens_limit=1_000_000)
+def test_a_client_that_goes_away_frees_its_row_at_the_next_step(tmp_path, stream):
+    # A model that never ends its text: the request must outlast its client however the draws fall.
+    endless = write_checkpoint(tmp_path / "endless.ckpt", make_model(eot_bias=-1e4))
+    app = serve_app(endless, max_batch=1, max_tokens_limit=1_000_000)
     scheduler, body = app.state.scheduler, {"prompt": "the movie", "max_tokens": 1_000_000, "stream": stream}
     with running(app) as url:
         with httpx.Client(timeout=30) as http:
