@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'minigpt[serve]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'minigpt[dev]')")
 
-from test_serve import ckpt, running, serve_app  # noqa: E402, F401  (ckpt is a fixture)
+from test_serve import endless_ckpt, running, serve_app  # noqa: E402, F401  (endless_ckpt is a fixture)
 
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -38,8 +38,8 @@ def browser_page(tmp_path):
             context.close()
 
 
-def test_playground_streams_text_and_stop_cancels_the_request(ckpt, browser_page):  # noqa: F811
-    app = serve_app(ckpt, max_batch=2, max_tokens_limit=1_000_000)
+def test_playground_streams_text_and_stop_cancels_the_request(endless_ckpt, browser_page):  # noqa: F811
+    app = serve_app(endless_ckpt, max_batch=2, max_tokens_limit=1_000_000)
     scheduler = app.state.scheduler
     page = browser_page
     with running(app) as url:

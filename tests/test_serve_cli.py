@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'minigpt[serve]')")
 
 import httpx  # noqa: E402
-from test_serve import ckpt  # noqa: E402, F401  (a fixture)
+from test_serve import ckpt, endless_ckpt  # noqa: E402, F401  (fixtures)
 
 
 class ServerProcess:
@@ -47,11 +47,11 @@ class ServerProcess:
 
 
 @pytest.fixture
-def serve_process(ckpt):  # noqa: F811
+def serve_process(ckpt, endless_ckpt):  # noqa: F811
     started: list[ServerProcess] = []
 
-    def start(*options: str) -> ServerProcess:
-        started.append(ServerProcess(ckpt, *options))
+    def start(*options: str, endless: bool = False) -> ServerProcess:
+        started.append(ServerProcess(endless_ckpt if endless else ckpt, *options))
         return started[-1]
 
     yield start
@@ -103,7 +103,7 @@ def test_starts_in_about_twice_import_torch_and_sigterm_lets_running_requests_fi
 
 
 def test_ctrl_c_cancels_what_the_grace_period_does_not_finish_and_exits_0(serve_process):
-    server = serve_process("--max_tokens_limit", "1000000", "--shutdown_grace_s", "0.5")
+    server = serve_process("--max_tokens_limit", "1000000", "--shutdown_grace_s", "0.5", endless=True)
     body = {"prompt": "the movie was", "max_tokens": 1_000_000, "stream": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/completions", json=body) as reply:
         lines = reply.iter_lines()
