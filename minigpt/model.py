@@ -118,8 +118,10 @@ def adaptive_nll(adaptive: nn.AdaptiveLogSoftmaxWithLoss, hidden: Tensor, target
     tail cluster i costs the head's log-probability of the cluster plus the cluster's of the word, computed
     on the rows whose targets fall in it only (a host synchronisation per cluster).
     """
-    if targets.numel() and (targets.min() < 0 or targets.max() >= adaptive.n_classes):
-        raise ValueError(f"targets must be in [0, {adaptive.n_classes - 1}], got [{targets.min()}, {targets.max()}]")
+    if targets.numel():
+        low, high = (int(t) for t in targets.aminmax())  # one host synchronisation for both ends
+        if low < 0 or high >= adaptive.n_classes:
+            raise ValueError(f"targets must be in [0, {adaptive.n_classes - 1}], got [{low}, {high}]")
     short = adaptive.shortlist_size
     column = targets.clamp(max=short - 1)  # the head's column of each target: its word, or its cluster
     tails = []
