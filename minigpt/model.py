@@ -185,6 +185,27 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
 
 
+# Up to this many keys, bfloat16 attention on a CPU runs in float32 instead: torch's CPU flash-attention
+# kernel is slower in bfloat16 than in float32 for short sequences (its backward pass most), and float32 is
+# the more exact of the two; for long sequences bfloat16's halved memory traffic wins
+# (scripts/bench_attention.py times both).
+CPU_FLOAT32_ATTENTION_MAX_KEYS = 128
+
+
+def float32_attention(q: Tensor, k: Tensor) -> bool:
+    """Whether attention over these bfloat16 CPU queries and keys (B, nh, T|S, hs) runs in float32."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_FLOAT32_ATTENTION_MAX_KEYS
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, **options)`, in float32 where `float32_attention` says so (the
+    result is float32 then: the next projection casts it back under autocast)."""
+    if not float32_attention(q, k):
+        return F.scaled_dot_product_attention(q, k, v, **options)
+    with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 copies back to bfloat16
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection, through `scaled_dot_product_attention`."""
 
@@ -219,7 +240,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer)  # (B, nh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 

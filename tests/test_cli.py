@@ -21,6 +21,7 @@ from minigpt.cli import main
 from minigpt.commands.train import MiniGPTCLI
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.lit_module import LitMiniGPT
+from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS
 from minigpt.plot import loss_figure, read_scalars
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -646,6 +647,13 @@ def step_cost_script(levers_script, monkeypatch):
     return load_script("step_cost")
 
 
+@pytest.fixture
+def attention_script(quality_script, monkeypatch):
+    """scripts/bench_attention.py as a module (it imports its sibling script by name)."""
+    monkeypatch.setitem(sys.modules, "quality_vs_minutes", quality_script)
+    return load_script("bench_attention")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -733,6 +741,24 @@ def test_step_cost_computes_the_loss_in_the_recipes_precision(step_cost_script, 
                         lambda x, y: (seen.append(torch.is_autocast_enabled("cpu")), loss(x, y))[1])  # fmt: skip
     tokens = torch.randint(0, 50, (2, 8))
     assert contender.step(tokens, tokens) > 0 and seen == [autocast]
+
+
+def test_bench_attention_times_both_precisions_and_names_the_models_choice(attention_script, tmp_path, capsys):
+    out, limit = tmp_path / "attention.json", CPU_FLOAT32_ATTENTION_MAX_KEYS
+    options = ["--lengths", str(limit), str(2 * limit), "--tokens", str(2 * limit), "--heads", "1", "--head_size", "4",
+               "--rounds", "1", "--json", str(out)]  # fmt: skip
+    report = attention_script.main(options)
+    assert json.loads(out.read_text()) == report
+    assert [(row["length"], row["batch"], row["model_runs"]) for row in report["rows"]] == [
+        (limit, 2, "float32"), (2 * limit, 1, "bfloat16")]  # fmt: skip
+    assert all(row["bfloat16_ms"] > 0 and row["float32_ms"] > 0 for row in report["rows"])
+    assert "the model runs float32" in capsys.readouterr().out
+
+
+def test_bench_attention_refuses_a_length_that_does_not_divide_the_batch(attention_script, capsys):
+    with pytest.raises(SystemExit) as e:
+        attention_script.main(["--lengths", "64", "100"])
+    assert e.value.code == 2 and "divide --tokens 4096" in capsys.readouterr().err
 
 
 def test_step_cost_refuses_a_lever_that_is_not_about_the_model(step_cost_script, capsys):

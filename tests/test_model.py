@@ -6,7 +6,7 @@ import torch.nn as nn
 from script_loader import load_script
 
 from minigpt.config import GPTConfig
-from minigpt.model import GPT, RMSNorm, adaptive_input_embedding, bigram_bucket, lm_loss
+from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, RMSNorm, adaptive_input_embedding, bigram_bucket, lm_loss
 
 TransformerModel = load_script("tutorial_model").TransformerModel  # scripts/tutorial_model.py
 
@@ -539,6 +539,35 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
             torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
         else:
             assert not torch.allclose(after, before, atol=1e-3)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_bf16_attention_on_cpu_runs_in_float32_up_to_its_key_limit(monkeypatch, positional):
+    limit = CPU_FLOAT32_ATTENTION_MAX_KEYS
+    model = make_model(positional=positional, qk_norm=True, norm_first=True, block_size=limit + 8)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        out = sdpa(q, k, v, **kwargs)
+        seen.append(out.dtype)  # the dtype it computed in: autocast casts the inputs of this op after the call
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    for length, inside in ((limit, torch.float32), (limit + 1, torch.bfloat16)):
+        seen.clear()
+        idx = random_ids(32, 2, length)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(idx, idx.roll(-1, 1))
+        loss.backward()
+        assert seen == [inside] * 2  # both layers
+        assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()
+    # Outside autocast a float32 model's attention is float32 as before.
+    seen.clear()
+    with torch.no_grad():
+        model(random_ids(32, 2, 8))
+    assert seen == [torch.float32] * 2
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
