@@ -198,12 +198,12 @@ def float32_attention(q: Tensor, k: Tensor) -> bool:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, **options)`, in float32 where `float32_attention` says so (the
-    result is float32 then: the next projection casts it back under autocast)."""
+    """`F.scaled_dot_product_attention(q, k, v, **options)`, computed in float32 where `float32_attention` says
+    so, returned in q's dtype either way."""
     if not float32_attention(q, k):
         return F.scaled_dot_product_attention(q, k, v, **options)
     with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 copies back to bfloat16
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options).to(q.dtype)
 
 
 class CausalSelfAttention(nn.Module):
