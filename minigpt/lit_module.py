@@ -21,6 +21,7 @@ from torch import Tensor
 from minigpt.checkpoint import minigpt_section, model_state, read_checkpoint, section, state_dict_mismatch
 from minigpt.config import GPTConfig
 from minigpt.errors import UserError
+from minigpt.hardware import can_compile
 from minigpt.model import GPT, LossKernel
 from minigpt.optim import MuonWithAdamW, hidden_matrices
 from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
@@ -68,6 +69,25 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
         logger.save()
 
 
+def compile_blocks(setting: bool | str, device: torch.device, announce: bool = True) -> bool:
+    """Whether a fit on `device` compiles the Transformer blocks, for `compile` True, False or "auto".
+
+    "auto" compiles where `torch.compile` can build kernels for the device, and says so (if `announce`)
+    where it cannot; True where it cannot is bad input (it would fail at the first step)."""
+    if setting is False:
+        return False
+    if can_compile(device):
+        return True
+    what = "a C++ compiler (g++ or clang++)" if torch.device(device).type == "cpu" else "Triton"
+    if setting is True:
+        raise UserError(f"model.compile true needs {what} for torch.compile on {device}, and none was found: "
+                        "install one, or set --model.compile false")  # fmt: skip
+    if announce:
+        log.info("training without torch.compile: it needs %s on %s, and none was found (install one to "
+                 "train faster)", what, device)  # fmt: skip
+    return False
+
+
 class LitMiniGPT(pl.LightningModule):
     def __init__(
         self,
@@ -87,7 +107,7 @@ class LitMiniGPT(pl.LightningModule):
         min_lr: float = 0.0,
         decay_fraction: float = 0.2,
         init_from: str | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = False,
         loss_kernel: LossKernel = "auto",
     ):
         """
@@ -118,8 +138,10 @@ class LitMiniGPT(pl.LightningModule):
             decay_fraction: "wsd": the share of the steps after warmup spent decaying.
             init_from: a minigpt checkpoint whose weights start this run (fine-tuning); its
                 vocabulary must equal the data's.
-            compile: ``torch.compile`` the Transformer blocks (in place, so checkpoints keep their keys).
-                Off by default: compiling costs time up front (and needs a C compiler on CPU).
+            compile: ``torch.compile`` the Transformer blocks (in place, so checkpoints keep their keys):
+                True, False, or "auto" (compile where ``torch.compile`` can build kernels for the training
+                device: a C++ compiler on a CPU, Triton on a GPU). Off by default: compiling costs time up
+                front (seconds on a small model) before it makes each step faster.
             loss_kernel: the linear head's training loss (``GPT.loss_kernel``): "plain" (chunked
                 ``F.cross_entropy``), "fused" (``minigpt.kernels``) or "auto" (fused for float32 on CPU
                 without autocast, where its benchmark shows a gain; plain elsewhere).
@@ -133,6 +155,8 @@ class LitMiniGPT(pl.LightningModule):
             raise UserError(f"model.decay_steps must be > model.warmup_steps ({warmup_steps}), got {decay_steps}")
         if not 0 < decay_fraction <= 1:
             raise UserError(f"model.decay_fraction must be in (0, 1], got {decay_fraction}")
+        if compile not in (True, False, "auto"):
+            raise UserError(f"model.compile must be true, false or auto, got {compile!r}")
         if muon_ns_steps < 1 or not 0 <= muon_momentum < 1:
             raise UserError("model.muon_ns_steps must be >= 1 and model.muon_momentum in [0, 1)")
         if adamw_lr is not None and (optimizer != "muon" or adamw_lr <= 0 or not math.isfinite(adamw_lr)):
@@ -416,13 +440,17 @@ class LitMiniGPT(pl.LightningModule):
 
     # -- what a checkpoint carries ------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
-            # Each block, in place (checkpoints keep their keys): training calls the model's loss, not
-            # `model(...)`, so compiling the GPT module itself would leave the training step eager. Here,
-            # after the model summary's one forward pass, which would otherwise compile a graph of its own.
-            for block in self.model.transformer.h:
-                block.compile()
-            self._compiled = True
+        setting, announce = self.hparams.get("compile", False), self.trainer.is_global_zero
+        if getattr(self, "_compiled", False) or not compile_blocks(setting, self.device, announce):
+            return
+        # Each block, in place (checkpoints keep their keys): training calls the model's loss, not
+        # `model(...)`, so compiling the GPT module itself would leave the training step eager. Here,
+        # after the model summary's one forward pass, which would otherwise compile a graph of its own.
+        for block in self.model.transformer.h:
+            block.compile()
+        self._compiled = True
+        if announce:
+            log.info("compiling the Transformer blocks (torch.compile): the first steps wait for it")
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)

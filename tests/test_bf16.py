@@ -2,7 +2,7 @@
 
 - the training step and the chunked loss under `torch.autocast("cpu", dtype=torch.bfloat16)` against float32,
   within tolerances stated at each assertion (bf16 keeps 8 bits of mantissa: about 3 significant digits);
-- `minigpt fit --trainer.precision bf16-mixed` and `minigpt fit --model.compile true` end to end, tiny.
+- `minigpt fit --trainer.precision bf16-mixed` and `minigpt fit --model.compile true|auto` end to end, tiny.
 """
 
 import warnings
@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import review
 
+from minigpt import lit_module
 from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.model import GPT, lm_loss
@@ -184,6 +185,41 @@ def test_fit_with_compile(corpus):
     assert counters["stats"]["unique_graphs"] >= 1  # the blocks did go through torch.compile
     assert ckpt["global_step"] == 2
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # compiled in place: the usual keys
+
+
+@pytest.mark.parametrize(
+    "setting, available, expected",
+    [(False, True, False), (True, True, True), ("auto", True, True), ("auto", False, False)],
+)
+def test_compile_setting(monkeypatch, caplog, setting, available, expected):
+    probed = []
+    monkeypatch.setattr(lit_module, "can_compile", lambda device: probed.append(device) or available)
+    with caplog.at_level("INFO", logger="minigpt.lit_module"):
+        assert lit_module.compile_blocks(setting, torch.device("cpu")) is expected
+    assert probed == ([] if setting is False else [torch.device("cpu")])  # false never probes the machine
+    said = "training without torch.compile: it needs a C++ compiler (g++ or clang++) on cpu"
+    assert (said in caplog.text) is (setting == "auto" and not available)
+
+
+def test_fit_refuses_compile_true_where_it_cannot_build_and_runs_auto_without_it(corpus, monkeypatch, capsys):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(lit_module, "can_compile", lambda device: False)
+    with pytest.raises(SystemExit) as e:
+        fit(corpus, "--model.compile", "true", "--trainer.max_steps", "2")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "model.compile true needs a C++ compiler (g++ or clang++)" in err
+    assert "Traceback" not in err and not Path("lightning_logs").exists()  # refused before the run began
+    counters.clear()
+    ckpt = fit(corpus, "--model.compile", "auto", "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000")
+    assert ckpt["global_step"] == 2 and counters["stats"]["unique_graphs"] == 0  # trained, nothing compiled
+    assert ckpt["hyper_parameters"]["compile"] == "auto"
+
+
+def test_compile_refuses_a_setting_it_does_not_know(corpus, capsys):
+    with pytest.raises(SystemExit) as e:
+        fit(corpus, "--model.compile", "sometimes")
+    assert e.value.code == 2 and "compile" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minigpt.hardware import native_bf16
+from minigpt.hardware import can_compile, native_bf16
 
 
 @pytest.mark.parametrize(
@@ -25,3 +25,25 @@ def test_cuda_asks_the_device(monkeypatch):
     assert native_bf16("cuda") is True
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert native_bf16("cuda") is False
+
+
+def test_compile_on_cpu_needs_the_cpp_compiler_inductor_finds(monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    assert can_compile("cpu") is True
+
+    def none_found():
+        raise cpp_builder.exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+    assert can_compile(torch.device("cpu")) is False
+
+
+def test_compile_on_cuda_needs_triton(monkeypatch):
+    import torch.utils._triton as triton
+
+    for present in (True, False):
+        monkeypatch.setattr(triton, "has_triton", lambda: present)
+        assert can_compile("cuda") is present
+    assert can_compile("meta") is False  # no other device is known to compile

@@ -44,7 +44,7 @@ from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
 from minigpt.hardware import native_bf16
-from minigpt.lit_module import LitMiniGPT
+from minigpt.lit_module import LitMiniGPT, compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class MiniGPTCLI(LightningCLI):
                 self._config_from_checkpoint(cfg, self._checkpoint(ckpt), self._passed("--data."))
 
     def before_fit(self) -> None:
+        # A compile setting the machine cannot honour is refused before the run makes its folder.
+        compile_blocks(self.model.hparams.get("compile", False), self.trainer.strategy.root_device, announce=False)
         if self.trainer.is_global_zero:
             log.info(budget_line(self.trainer, resumed=bool(self.config_init["fit"].get("ckpt_path"))))
 
