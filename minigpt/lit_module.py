@@ -443,11 +443,8 @@ class LitMiniGPT(pl.LightningModule):
         setting, announce = self.hparams.get("compile", False), self.trainer.is_global_zero
         if getattr(self, "_compiled", False) or not compile_blocks(setting, self.device, announce):
             return
-        # Each block, in place (checkpoints keep their keys): training calls the model's loss, not
-        # `model(...)`, so compiling the GPT module itself would leave the training step eager. Here,
-        # after the model summary's one forward pass, which would otherwise compile a graph of its own.
-        for block in self.model.transformer.h:
-            block.compile()
+        # Here, after the model summary's one forward pass, which would otherwise compile a graph of its own.
+        self.model.compile_blocks()
         self._compiled = True
         if announce:
             log.info("compiling the Transformer blocks (torch.compile): the first steps wait for it")

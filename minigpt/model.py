@@ -374,6 +374,13 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def compile_blocks(self, **options) -> None:
+        """`torch.compile(**options)` each Transformer block in place (the state dict keeps its keys). The
+        blocks, not the whole model: training calls `loss`, not `forward`, and the heads' data-dependent
+        shapes (the adaptive softmax's clusters) would recompile at every step."""
+        for block in self.transformer.h:
+            block.compile(**options)
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, shared tensors counted once; `exclude_embeddings` leaves out the input
         embeddings (token table, bigram table and learned positions), but a token table tied to the head counts,

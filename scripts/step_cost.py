@@ -11,7 +11,8 @@ take turns, one training step each per round, so load from elsewhere hits them a
 `minigpt fit` runs for it, without Lightning: the loss (under bf16 autocast when the recipe trains in
 `bf16-mixed`, as `minigpt fit` does on a CPU with native bf16), the backward pass, clipping at the recipe's
 `gradient_clip_val`, the optimizer the module configures, zeroing the gradients, with freed memory kept in
-the process as `minigpt fit` keeps it (`minigpt.allocator`). The tokens are drawn
+the process as `minigpt fit` keeps it (`minigpt.allocator`) and the blocks compiled where the recipe's
+`compile` has `minigpt fit` compile them (its first warm-up round takes the compiling). The tokens are drawn
 independently from a Zipf distribution over `--vocab_size` words (word frequencies follow one, and the
 adaptive head's cost depends on which cluster a target falls in); the batch has the recipe's shape.
 The table shows each contender's parameters, its median step time over the rounds (after 3 rounds of warm-up) and its
@@ -39,7 +40,7 @@ from quality_vs_minutes import machine, minigpt  # noqa: E402
 
 from minigpt.allocator import keep_freed_memory  # noqa: E402
 from minigpt.config import GPTConfig  # noqa: E402
-from minigpt.lit_module import LitMiniGPT  # noqa: E402
+from minigpt.lit_module import LitMiniGPT, compile_blocks  # noqa: E402
 
 WARMUP_ROUNDS = 3
 
@@ -61,6 +62,10 @@ class Contender:
         model = dict(cfg["model"])
         config = GPTConfig(**{**model.pop("config"), "vocab_size": vocab_size, "block_size": cfg["data"]["block_size"]})
         self.module = LitMiniGPT(config, **model)
+        if compile_blocks(model.get("compile", False), torch.device("cpu"), announce=False):
+            # As `minigpt fit` does; the first warm-up round takes the compiling. Each contender sees one shape:
+            # a graph for it alone, not one generalised over the contenders' shapes (slower).
+            self.module.model.compile_blocks(dynamic=False)
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.clip = cfg["trainer"]["gradient_clip_val"]
         self.bf16 = cfg["trainer"].get("precision") == "bf16-mixed"  # Lightning's autocast around the loss
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = ["recipe", *(n for n in args.levers if n != "recipe")]
     cfgs = {name: recipe(args.config, LEVERS[name][1]) for name in names}
     keep_freed_memory()
+    torch._dynamo.config.recompile_limit = 8 * len(names)  # each contender's blocks may need graphs of their own
     torch.manual_seed(0)
     try:
         contenders = {name: Contender(cfg, args.vocab_size) for name, cfg in cfgs.items()}

@@ -717,7 +717,8 @@ def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path, m
                       quality_script.RECIPES["seed"]: [[1, 2.9], [2, 2.8]]}  # fmt: skip
 
 
-def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script, tmp_path, capsys):
+def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(step_cost_script, "compile_blocks", lambda *args, **kwargs: False)  # seconds, not the point
     out = tmp_path / "cost.json"
     options = ["--levers", "no_bigram", "--rounds", "1", "--vocab_size", "2000", "--json", str(out)]
     report = step_cost_script.main(options)
@@ -759,6 +760,17 @@ def test_bench_attention_refuses_a_length_that_does_not_divide_the_batch(attenti
     with pytest.raises(SystemExit) as e:
         attention_script.main(["--lengths", "64", "100"])
     assert e.value.code == 2 and "divide --tokens 4096" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, compiled", [(True, True), ("auto", True), (False, False)])
+def test_step_cost_compiles_the_blocks_where_fit_would(step_cost_script, monkeypatch, setting, compiled):
+    cfg = step_cost_script.recipe("tiny", [])
+    cfg["model"]["compile"] = setting
+    monkeypatch.setattr("minigpt.lit_module.can_compile", lambda device: True)
+    calls = []
+    monkeypatch.setattr("minigpt.model.GPT.compile_blocks", lambda model, **options: calls.append(options))
+    step_cost_script.Contender(cfg, vocab_size=50)
+    assert calls == ([{"dynamic": False}] if compiled else [])
 
 
 def test_step_cost_refuses_a_lever_that_is_not_about_the_model(step_cost_script, capsys):
