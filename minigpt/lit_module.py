@@ -72,19 +72,26 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
 def compile_blocks(setting: bool | str, device: torch.device, announce: bool = True) -> bool:
     """Whether a fit on `device` compiles the Transformer blocks, for `compile` True, False or "auto".
 
-    "auto" compiles where `torch.compile` can build kernels for the device, and says so (if `announce`)
-    where it cannot; True where it cannot is bad input (it would fail at the first step)."""
+    On a CPU or a CUDA GPU, "auto" compiles where `torch.compile` can build kernels for the device, and says
+    so (if `announce`) where it cannot; True where it cannot is bad input (it would fail at the first step).
+    On other devices "auto" does not compile and True is left to torch."""
     if setting is False:
         return False
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        if announce and setting == "auto":
+            log.info("training without torch.compile: compile auto compiles on CPUs and CUDA GPUs, not on %s "
+                     "(--model.compile true tries)", kind)  # fmt: skip
+        return setting is True
     if can_compile(device):
         return True
-    what = "a C++ compiler (g++ or clang++)" if torch.device(device).type == "cpu" else "Triton"
+    what = "a C++ compiler (g++ or clang++)" if kind == "cpu" else "Triton"
     if setting is True:
-        raise UserError(f"model.compile true needs {what} for torch.compile on {device}, and none was found: "
+        raise UserError(f"model.compile true needs {what} for torch.compile on {kind}, and none was found: "
                         "install one, or set --model.compile false")  # fmt: skip
     if announce:
         log.info("training without torch.compile: it needs %s on %s, and none was found (install one to "
-                 "train faster)", what, device)  # fmt: skip
+                 "train faster)", what, kind)  # fmt: skip
     return False
 
 

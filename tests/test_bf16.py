@@ -201,6 +201,14 @@ def test_compile_setting(monkeypatch, caplog, setting, available, expected):
     assert (said in caplog.text) is (setting == "auto" and not available)
 
 
+def test_compile_elsewhere_is_left_to_torch_for_true_and_off_for_auto(monkeypatch, caplog):
+    monkeypatch.setattr(lit_module, "can_compile", lambda device: pytest.fail("only CPUs and CUDA GPUs are probed"))
+    with caplog.at_level("INFO", logger="minigpt.lit_module"):
+        assert lit_module.compile_blocks(True, torch.device("mps")) is True
+        assert lit_module.compile_blocks("auto", torch.device("mps")) is False
+    assert "compile auto compiles on CPUs and CUDA GPUs, not on mps" in caplog.text
+
+
 def test_fit_refuses_compile_true_where_it_cannot_build_and_runs_auto_without_it(corpus, monkeypatch, capsys):
     from torch._dynamo.utils import counters
 
