@@ -92,6 +92,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                   [M + "adaptive_cutoffs", "[2000, 10000, 25000]"]),
     "layers3": ("3 layers instead of 2", [M + "n_layer", "3"]),
     "layers1": ("1 layer instead of 2", [M + "n_layer", "1"]),
+    "no_compile": ("the blocks run eagerly instead of compiled (where torch.compile can build kernels)",
+                   ["--model.compile", "false"]),
 }  # fmt: skip
 
 
