@@ -69,7 +69,7 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
         logger.save()
 
 
-def compile_blocks(setting: bool | str, device: torch.device, announce: bool = True) -> bool:
+def should_compile(setting: bool | str, device: torch.device, announce: bool = True) -> bool:
     """Whether a fit on `device` compiles the Transformer blocks, for `compile` True, False or "auto".
 
     On a CPU or a CUDA GPU, "auto" compiles where `torch.compile` can build kernels for the device, and says
@@ -448,7 +448,7 @@ class LitMiniGPT(pl.LightningModule):
     # -- what a checkpoint carries ------------------------------------------------------------------
     def on_fit_start(self) -> None:
         setting, announce = self.hparams.get("compile", False), self.trainer.is_global_zero
-        if getattr(self, "_compiled", False) or not compile_blocks(setting, self.device, announce):
+        if getattr(self, "_compiled", False) or not should_compile(setting, self.device, announce):
             return
         # Here, after the model summary's one forward pass, which would otherwise compile a graph of its own.
         self.model.compile_blocks()

@@ -40,7 +40,7 @@ from quality_vs_minutes import machine, minigpt  # noqa: E402
 
 from minigpt.allocator import keep_freed_memory  # noqa: E402
 from minigpt.config import GPTConfig  # noqa: E402
-from minigpt.lit_module import LitMiniGPT, compile_blocks  # noqa: E402
+from minigpt.lit_module import LitMiniGPT, should_compile  # noqa: E402
 
 WARMUP_ROUNDS = 3
 
@@ -62,7 +62,7 @@ class Contender:
         model = dict(cfg["model"])
         config = GPTConfig(**{**model.pop("config"), "vocab_size": vocab_size, "block_size": cfg["data"]["block_size"]})
         self.module = LitMiniGPT(config, **model)
-        if compile_blocks(model.get("compile", False), torch.device("cpu"), announce=False):
+        if should_compile(model.get("compile", False), torch.device("cpu"), announce=False):
             # As `minigpt fit` does; the first warm-up round takes the compiling. Each contender sees one shape:
             # a graph for it alone, not one generalised over the contenders' shapes (slower).
             self.module.model.compile_blocks(dynamic=False)

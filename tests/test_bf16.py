@@ -195,7 +195,7 @@ def test_compile_setting(monkeypatch, caplog, setting, available, expected):
     probed = []
     monkeypatch.setattr(lit_module, "can_compile", lambda device: probed.append(device) or available)
     with caplog.at_level("INFO", logger="minigpt.lit_module"):
-        assert lit_module.compile_blocks(setting, torch.device("cpu")) is expected
+        assert lit_module.should_compile(setting, torch.device("cpu")) is expected
     assert probed == ([] if setting is False else [torch.device("cpu")])  # false never probes the machine
     said = "training without torch.compile: it needs a C++ compiler (g++ or clang++) on cpu"
     assert (said in caplog.text) is (setting == "auto" and not available)
@@ -204,8 +204,8 @@ def test_compile_setting(monkeypatch, caplog, setting, available, expected):
 def test_compile_elsewhere_is_left_to_torch_for_true_and_off_for_auto(monkeypatch, caplog):
     monkeypatch.setattr(lit_module, "can_compile", lambda device: pytest.fail("only CPUs and CUDA GPUs are probed"))
     with caplog.at_level("INFO", logger="minigpt.lit_module"):
-        assert lit_module.compile_blocks(True, torch.device("mps")) is True
-        assert lit_module.compile_blocks("auto", torch.device("mps")) is False
+        assert lit_module.should_compile(True, torch.device("mps")) is True
+        assert lit_module.should_compile("auto", torch.device("mps")) is False
     assert "compile auto compiles on CPUs and CUDA GPUs, not on mps" in caplog.text
 
 

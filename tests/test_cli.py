@@ -718,7 +718,7 @@ def test_quality_script_plots_what_its_runs_measured(quality_script, tmp_path, m
 
 
 def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(step_cost_script, "compile_blocks", lambda *args, **kwargs: False)  # seconds, not the point
+    monkeypatch.setattr(step_cost_script, "should_compile", lambda *args, **kwargs: False)  # seconds, not the point
     out = tmp_path / "cost.json"
     options = ["--levers", "no_bigram", "--rounds", "1", "--vocab_size", "2000", "--json", str(out)]
     report = step_cost_script.main(options)

@@ -44,7 +44,7 @@ from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
 from minigpt.hardware import native_bf16
-from minigpt.lit_module import LitMiniGPT, compile_blocks
+from minigpt.lit_module import LitMiniGPT, should_compile
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class MiniGPTCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # A compile setting the machine cannot honour is refused before the run makes its folder.
-        compile_blocks(self.model.hparams.get("compile", False), self.trainer.strategy.root_device, announce=False)
+        should_compile(self.model.hparams.get("compile", False), self.trainer.strategy.root_device, announce=False)
         if self.trainer.is_global_zero:
             log.info(budget_line(self.trainer, resumed=bool(self.config_init["fit"].get("ckpt_path"))))
 
