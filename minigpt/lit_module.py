@@ -451,10 +451,10 @@ class LitMiniGPT(pl.LightningModule):
         if getattr(self, "_compiled", False) or not should_compile(setting, self.device, announce):
             return
         # Here, after the model summary's one forward pass, which would otherwise compile a graph of its own.
-        self.model.compile_blocks()
+        self.model.compile_parts()
         self._compiled = True
         if announce:
-            log.info("compiling the Transformer blocks (torch.compile): the first steps wait for it")
+            log.info("compiling the model (torch.compile): the first steps wait for it")
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -109,14 +109,73 @@ def adaptive_input_embedding(idx: Tensor, adaptive: nn.AdaptiveLogSoftmaxWithLos
     return x
 
 
-def adaptive_nll(adaptive: nn.AdaptiveLogSoftmaxWithLoss, hidden: Tensor, targets: Tensor) -> Tensor:
+def _nll_forward(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) float32 negative log-likelihood of each row's target under log_softmax(logits (N, K)), and each
+    row's log-sum-exp (what the backward pass needs instead of the (N, K) log-probabilities)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=1)
+    return lse - x.gather(1, target.unsqueeze(1)).squeeze(1), lse
+
+
+def _nll_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
+    """The gradient of the rows' NLL with respect to `logits`, times `grad` (N,): (softmax - one-hot) * grad,
+    in float32 and returned in the logits' dtype. One pass over the logits where torch.compile fuses it."""
+    onehot = torch.arange(logits.size(1), device=logits.device) == target.unsqueeze(1)
+    return ((torch.exp(logits.float() - lse.unsqueeze(1)) - onehot.float()) * grad.unsqueeze(1)).to(logits.dtype)
+
+
+_COMPILED_NLL: list = []  # RowNLL's (forward, backward), compiled once per process on first use
+
+
+class RowNLL(torch.autograd.Function):
+    """Each row's cross-entropy of its target, -log_softmax(logits)[target]: (N, K), (N,) -> (N,) float32,
+    computed by torch.compile's fused kernels (one graph for every number of rows and classes: the adaptive
+    softmax's clusters differ in both).
+
+    Equal to `F.cross_entropy(logits.float(), target, reduction="none")` in value and gradient, with less
+    memory traffic: the forward pass keeps each row's log-sum-exp, not the (N, K) float32 log-probabilities,
+    and the backward pass writes the gradient straight in the logits' dtype in one pass, without the
+    zero-filled (N, K) gradient of a gather, the log-softmax's backward and a cast. Without torch.compile
+    the same steps are slower than the plain ones (`row_nll` chooses).
+    """
+
+    @staticmethod
+    def kernels() -> tuple:
+        if not _COMPILED_NLL:
+            _COMPILED_NLL.extend(torch.compile(f, dynamic=True) for f in (_nll_forward, _nll_backward))
+        return tuple(_COMPILED_NLL)
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
+        nll, lse = RowNLL.kernels()[0](logits, target)
+        ctx.save_for_backward(logits, target, lse)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, target, lse = ctx.saved_tensors
+        return RowNLL.kernels()[1](logits, target, lse, grad.contiguous()), None
+
+
+def row_nll(logits: Tensor, target: Tensor, compiled: bool = False) -> Tensor:
+    """Each row's cross-entropy of its target (N, K), (N,) -> (N,) float32: `RowNLL` when `compiled`, else
+    log-softmax in float32 and a gather."""
+    if compiled:
+        return RowNLL.apply(logits, target)
+    return -F.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+def adaptive_nll(
+    adaptive: nn.AdaptiveLogSoftmaxWithLoss, hidden: Tensor, targets: Tensor, compiled: bool = False
+) -> Tensor:
     """Each row's negative log-likelihood of its target under the adaptive softmax: (N, C), (N,) -> (N,) float32.
 
     The loss of `nn.AdaptiveLogSoftmaxWithLoss`, with its matrix products in the dtype autocast gives them
-    (bfloat16 under `bf16-mixed`, as the linear head's) and every log-softmax in float32; the module itself
-    writes each cluster's result into a tensor of its input's dtype, which fails under autocast. A target of
-    tail cluster i costs the head's log-probability of the cluster plus the cluster's of the word, computed
-    on the rows whose targets fall in it only (a host synchronisation per cluster).
+    (bfloat16 under `bf16-mixed`, as the linear head's) and every log-softmax in float32 (`row_nll`, with
+    torch.compile's kernels when `compiled`); the module itself writes each cluster's result into a tensor of
+    its input's dtype, which fails under autocast. A target of tail cluster i costs the head's
+    log-probability of the cluster plus the cluster's of the word, computed on the rows whose targets fall
+    in it only (a host synchronisation per cluster).
     """
     if targets.numel():
         low, high = (int(t) for t in targets.aminmax())  # one host synchronisation for both ends
@@ -129,13 +188,11 @@ def adaptive_nll(adaptive: nn.AdaptiveLogSoftmaxWithLoss, hidden: Tensor, target
         inside = (targets >= lo) & (targets < hi)
         column = torch.where(inside, short + i, column)
         tails.append((i, lo, inside.nonzero().squeeze(1)))
-    head = F.log_softmax(adaptive.head(hidden).float(), dim=1)
-    nll = -head.gather(1, column.unsqueeze(1)).squeeze(1)
+    nll = row_nll(adaptive.head(hidden), column, compiled)
     for i, lo, rows in tails:
         if rows.numel():
-            cluster = F.log_softmax(adaptive.tail[i](hidden.index_select(0, rows)).float(), dim=1)
-            word = (targets.index_select(0, rows) - lo).unsqueeze(1)
-            nll = nll.index_add(0, rows, -cluster.gather(1, word).squeeze(1))
+            word = targets.index_select(0, rows) - lo
+            nll = nll.index_add(0, rows, row_nll(adaptive.tail[i](hidden.index_select(0, rows)), word, compiled))
     return nll
 
 
@@ -316,6 +373,7 @@ class GPT(nn.Module):
         if loss_kernel not in ("auto", "plain", "fused"):
             raise ValueError(f"loss_kernel must be one of ('auto', 'plain', 'fused'), got {loss_kernel!r}.")
         self.loss_kernel = loss_kernel
+        self.compiled_loss = False  # see compile_parts
         """How the linear head's training loss is computed: "plain" (`chunked_nll_sum`), "fused"
         (`fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
         # With the tied adaptive head the input embedding is computed from the head's weights (no wte).
@@ -374,12 +432,14 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def compile_blocks(self, **options) -> None:
-        """`torch.compile(**options)` each Transformer block in place (the state dict keeps its keys). The
-        blocks, not the whole model: training calls `loss`, not `forward`, and the heads' data-dependent
-        shapes (the adaptive softmax's clusters) would recompile at every step."""
+    def compile_parts(self, **options) -> None:
+        """`torch.compile(**options)` each Transformer block in place (the state dict keeps its keys), and have
+        the adaptive softmax's loss use `RowNLL`'s compiled kernels. The blocks, not the whole model: training
+        calls `loss`, not `forward`, and the heads' data-dependent shapes (the adaptive softmax's clusters)
+        would recompile at every step."""
         for block in self.transformer.h:
             block.compile(**options)
+        self.compiled_loss = True
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, shared tensors counted once; `exclude_embeddings` leaves out the input
@@ -546,7 +606,7 @@ class GPT(nn.Module):
             # Run the head on the empty batch anyway so every parameter still gets a (zero) gradient.
             return self.head_logits(hidden).float().sum(), count
         if self.config.head == "adaptive":
-            return adaptive_nll(self.adaptive, hidden.float(), targets).sum(), count
+            return adaptive_nll(self.adaptive, hidden.float(), targets, self.compiled_loss).sum(), count
         workspace = self.__dict__.setdefault("_loss_workspace", Workspace())
         nll_sum = fused_linear_nll_sum(
             hidden, self.lm_head.weight, self.lm_head.bias, targets, chunk_size=chunk_size, workspace=workspace

@@ -65,7 +65,7 @@ class Contender:
         if should_compile(model.get("compile", False), torch.device("cpu"), announce=False):
             # As `minigpt fit` does; the first warm-up round takes the compiling. Each contender sees one shape:
             # a graph for it alone, not one generalised over the contenders' shapes (slower).
-            self.module.model.compile_blocks(dynamic=False)
+            self.module.model.compile_parts(dynamic=False)
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.clip = cfg["trainer"]["gradient_clip_val"]
         self.bf16 = cfg["trainer"].get("precision") == "bf16-mixed"  # Lightning's autocast around the loss

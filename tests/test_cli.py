@@ -768,7 +768,7 @@ def test_step_cost_compiles_the_blocks_where_fit_would(step_cost_script, monkeyp
     cfg["model"]["compile"] = setting
     monkeypatch.setattr("minigpt.lit_module.can_compile", lambda device: True)
     calls = []
-    monkeypatch.setattr("minigpt.model.GPT.compile_blocks", lambda model, **options: calls.append(options))
+    monkeypatch.setattr("minigpt.model.GPT.compile_parts", lambda model, **options: calls.append(options))
     step_cost_script.Contender(cfg, vocab_size=50)
     assert calls == ([{"dynamic": False}] if compiled else [])
 

@@ -3,10 +3,20 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from script_loader import load_script
 
 from minigpt.config import GPTConfig
-from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, RMSNorm, adaptive_input_embedding, bigram_bucket, lm_loss
+from minigpt.hardware import can_compile
+from minigpt.model import (
+    CPU_FLOAT32_ATTENTION_MAX_KEYS,
+    GPT,
+    RMSNorm,
+    adaptive_input_embedding,
+    bigram_bucket,
+    lm_loss,
+    row_nll,
+)
 
 TransformerModel = load_script("tutorial_model").TransformerModel  # scripts/tutorial_model.py
 
@@ -298,6 +308,41 @@ def test_adaptive_loss_under_bf16_autocast_multiplies_in_bf16_and_normalises_in_
     mixed.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     torch.testing.assert_close(mixed, model.loss(idx, targets), atol=0.05, rtol=0)
+
+
+needs_compiler = pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_nll_is_cross_entropy_with_its_gradient_in_the_logits_dtype(compiled, dtype):  # RowNLL when compiled
+    for rows, classes in ((37, 1003), (3, 5000), (1, 7)):  # the clusters' shapes vary: one graph for all
+        logits = (3 * torch.randn(rows, classes, generator=torch.Generator().manual_seed(rows))).to(dtype)
+        logits.requires_grad_()
+        target = torch.randint(0, classes, (rows,), generator=torch.Generator().manual_seed(1))
+        weight = torch.randn(rows, generator=torch.Generator().manual_seed(2))  # each row's gradient scales
+        nll = row_nll(logits, target, compiled)
+        (grad,) = torch.autograd.grad((nll * weight).sum(), logits)
+        ref = F.cross_entropy(logits.float(), target, reduction="none")
+        (ref_grad,) = torch.autograd.grad((ref * weight).sum(), logits)
+        assert nll.dtype == torch.float32 and grad.dtype == dtype
+        torch.testing.assert_close(nll, ref, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+
+
+@needs_compiler
+def test_compiled_parts_compute_the_plain_models_loss_and_gradients():
+    plain = make_model(head="adaptive", adaptive_cutoffs=(8, 20), bigram_buckets=64, dropout=0.0)
+    compiled = make_model(head="adaptive", adaptive_cutoffs=(8, 20), bigram_buckets=64, dropout=0.0)
+    compiled.compile_parts()
+    assert compiled.compiled_loss and not plain.compiled_loss
+    idx, targets = random_ids(32, 3, 16, seed=9), random_ids(32, 3, 16, seed=10)
+    losses = [model.loss(idx, targets) for model in (plain, compiled)]
+    grads = [torch.autograd.grad(loss, list(model.parameters())) for loss, model in zip(losses, (plain, compiled))]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    for g_compiled, g_plain in zip(*reversed(grads)):
+        torch.testing.assert_close(g_compiled, g_plain, atol=1e-5, rtol=1e-4)
+    assert not any("_orig_mod" in k for k in compiled.state_dict())  # compiled in place: the usual keys
 
 
 def test_adaptive_loss_refuses_targets_outside_the_vocabulary():
