@@ -7,7 +7,8 @@ scripts/levers.py measures what a lever is worth in minutes of training, where t
 one run to the next (another process, a slower hour) moves the number of steps as much as a cheap lever
 does. This script measures only the cost: every contender (the recipe as `minigpt fit --config CONFIG
 --print_config` prints it, then the recipe with each lever's options) is built in one process, and they
-take turns, one training step each per round, so load from elsewhere hits them alike. A step is what
+take turns, one training step each per round, so load from elsewhere hits them alike; each round starts
+with the next contender, since a step's time depends on the step that ran before it. A step is what
 `minigpt fit` runs for it, without Lightning: the loss (under bf16 autocast when the recipe trains in
 `bf16-mixed`, as `minigpt fit` does on a CPU with native bf16), the backward pass, clipping at the recipe's
 `gradient_clip_val`, the optimizer the module configures, zeroing the gradients, with freed memory kept in
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     for round_ in range(WARMUP_ROUNDS + args.rounds):
         batch = torch.multinomial(zipf, data["batch_size"] * (data["block_size"] + 1), True, generator=tokens)
         batch = batch.view(data["batch_size"], data["block_size"] + 1)
-        for contender in contenders.values():
+        turn = list(contenders.values())
+        for contender in turn[round_ % len(turn) :] + turn[: round_ % len(turn)]:
             seconds = contender.step(batch[:, :-1], batch[:, 1:])
             if round_ >= WARMUP_ROUNDS:
                 contender.times.append(seconds)

@@ -730,6 +730,18 @@ def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script
     assert "no_bigram" in capsys.readouterr().out
 
 
+def test_step_cost_starts_each_round_with_the_next_contender(step_cost_script, monkeypatch):
+    # In a fixed order the first contender's steps time slower: every contender goes first as often.
+    turns = []
+    monkeypatch.setattr(step_cost_script, "should_compile", lambda *args, **kwargs: False)
+    monkeypatch.setattr(step_cost_script.Contender, "step", lambda self, x, y: turns.append(self) or 0.001)
+    monkeypatch.setattr(step_cost_script, "WARMUP_ROUNDS", 0)
+    step_cost_script.main(["--levers", "no_bigram", "bigram16k", "--rounds", "3", "--vocab_size", "2000"])
+    firsts = turns[::3]
+    assert len(turns) == 9 and len(set(map(id, firsts))) == 3  # three rounds, each begun by another contender
+    assert all(len(set(map(id, turns[i : i + 3]))) == 3 for i in (0, 3, 6))  # every contender steps once a round
+
+
 @pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
 def test_step_cost_computes_the_loss_in_the_recipes_precision(step_cost_script, precision, autocast, monkeypatch):
     # `minigpt fit` trains in bf16-mixed on a CPU with native bf16: a step timed in float32 there would not
