@@ -12,8 +12,9 @@ One module covers the flavours `GPTConfig` chooses between:
 
 Module names follow nanoGPT/GPT-2 (`transformer.wte`, `transformer.h[i].attn.c_attn`, `lm_head`) so
 GPT-2 weights map across; `c_attn` rows are [q; k; v], the layout of `nn.MultiheadAttention.in_proj_weight`.
-The training loss is plain `F.cross_entropy` over chunks of the head; an optional fused kernel lives in
-`minigpt.kernels.loss` (`GPT.loss_kernel`). Caches live in `minigpt.cache`.
+The linear head's training loss is plain `F.cross_entropy` over chunks of the head; an optional fused kernel
+lives in `minigpt.kernels.loss` (`GPT.loss_kernel`). The adaptive head's is `adaptive_nll` (`RowNLL` where
+the model is compiled). Caches live in `minigpt.cache`.
 
 References: karpathy/nanoGPT `model.py`, Lightning-AI/litgpt `litgpt/model.py` (`chunked_cross_entropy`),
 the PyTorch tutorial "Language Modeling with nn.Transformer", and Grave et al. 2017 (adaptive softmax).
@@ -373,9 +374,10 @@ class GPT(nn.Module):
         if loss_kernel not in ("auto", "plain", "fused"):
             raise ValueError(f"loss_kernel must be one of ('auto', 'plain', 'fused'), got {loss_kernel!r}.")
         self.loss_kernel = loss_kernel
-        self.compiled_loss = False  # see compile_parts
         """How the linear head's training loss is computed: "plain" (`chunked_nll_sum`), "fused"
         (`fused_linear_nll_sum`) or "auto" (fused for float32 on CPU without autocast, plain elsewhere)."""
+        self.compiled_loss = False
+        """Whether the adaptive head's loss uses `RowNLL`'s compiled kernels (`compile_parts` sets it)."""
         # With the tied adaptive head the input embedding is computed from the head's weights (no wte).
         wte = {} if self.adaptive_input else dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
