@@ -20,6 +20,7 @@ References: karpathy/nanoGPT `model.py`, Lightning-AI/litgpt `litgpt/model.py` (
 the PyTorch tutorial "Language Modeling with nn.Transformer", and Grave et al. 2017 (adaptive softmax).
 """
 
+import functools
 import math
 from typing import Literal
 
@@ -125,7 +126,10 @@ def _nll_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Tensor) -> 
     return ((torch.exp(logits.float() - lse.unsqueeze(1)) - onehot.float()) * grad.unsqueeze(1)).to(logits.dtype)
 
 
-_COMPILED_NLL: list = []  # RowNLL's (forward, backward), compiled once per process on first use
+@functools.cache
+def _compiled_nll_kernels() -> tuple:
+    """RowNLL's (forward, backward), compiled once per process, on first use."""
+    return tuple(torch.compile(f, dynamic=True) for f in (_nll_forward, _nll_backward))
 
 
 class RowNLL(torch.autograd.Function):
@@ -141,21 +145,15 @@ class RowNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def kernels() -> tuple:
-        if not _COMPILED_NLL:
-            _COMPILED_NLL.extend(torch.compile(f, dynamic=True) for f in (_nll_forward, _nll_backward))
-        return tuple(_COMPILED_NLL)
-
-    @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
-        nll, lse = RowNLL.kernels()[0](logits, target)
+        nll, lse = _compiled_nll_kernels()[0](logits, target)
         ctx.save_for_backward(logits, target, lse)
         return nll
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, target, lse = ctx.saved_tensors
-        return RowNLL.kernels()[1](logits, target, lse, grad.contiguous()), None
+        return _compiled_nll_kernels()[1](logits, target, lse, grad.contiguous()), None
 
 
 def row_nll(logits: Tensor, target: Tensor, compiled: bool = False) -> Tensor:

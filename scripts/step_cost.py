@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = cfgs["recipe"]["data"]
     zipf = 1.0 / torch.arange(1, args.vocab_size + 1, dtype=torch.float64)
     tokens = torch.Generator().manual_seed(0)
+    turn = list(contenders.values())
     for round_ in range(WARMUP_ROUNDS + args.rounds):
         batch = torch.multinomial(zipf, data["batch_size"] * (data["block_size"] + 1), True, generator=tokens)
         batch = batch.view(data["batch_size"], data["block_size"] + 1)
-        turn = list(contenders.values())
         for contender in turn[round_ % len(turn) :] + turn[: round_ % len(turn)]:
             seconds = contender.step(batch[:, :-1], batch[:, 1:])
             if round_ >= WARMUP_ROUNDS:
