@@ -71,14 +71,14 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "d_ff960": ("d_ff 960 instead of 640 (the MLP 6 times the width instead of 4)", [M + "d_ff", "960"]),
     "bigram16k": ("a bigram table of 16,384 rows instead of 65,536", [M + "bigram_buckets", "16384"]),
     "dropout0.1": ("dropout 0.1 in the embeddings and blocks instead of none", [M + "dropout", "0.1"]),
-    "block128": ("128-token blocks, 32 per batch (the same tokens per step)",
-                 ["--data.block_size", "128", "--data.batch_size", "32"]),  # fmt: skip
+    "block64": ("64-token blocks, 64 per batch instead of 128-token blocks, 32 per batch (the same tokens per step)",
+                ["--data.block_size", "64", "--data.batch_size", "64"]),  # fmt: skip
     "block256": ("256-token blocks, 16 per batch (the same tokens per step)",
                  ["--data.block_size", "256", "--data.batch_size", "16"]),
     "block32": ("32-token blocks, 128 per batch", ["--data.block_size", "32", "--data.batch_size", "128"]),
-    "batch32": ("32 blocks per batch instead of 64 (more steps of half the tokens)", ["--data.batch_size", "32"]),
+    "batch16": ("16 blocks per batch instead of 32 (more steps of half the tokens)", ["--data.batch_size", "16"]),
     "no_unsup": ("the training reviews alone, without the 50,000 unlabelled ones", ["--data.include_unsup", "false"]),
-    "vocab32k": ("the 32,768 most frequent words instead of 50,000 (max_size)", ["--data.max_size", "32768"]),
+    "vocab50k": ("the 50,000 most frequent words instead of 32,768 (max_size)", ["--data.max_size", "50000"]),
     "bpe16k": ("a byte-level BPE of 16,384 tokens trained on the training text instead of words (no <unk>)",
                ["--data.tokenizer", "bpe:16384"]),
     "min_freq1": (

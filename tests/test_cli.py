@@ -787,5 +787,5 @@ def test_step_cost_compiles_the_blocks_where_fit_would(step_cost_script, monkeyp
 
 def test_step_cost_refuses_a_lever_that_is_not_about_the_model(step_cost_script, capsys):
     with pytest.raises(SystemExit) as e:
-        step_cost_script.main(["--levers", "block128"])
+        step_cost_script.main(["--levers", "block64"])
     assert e.value.code == 2 and "measure it with scripts/levers.py" in capsys.readouterr().err
