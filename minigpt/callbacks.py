@@ -68,8 +68,11 @@ class GenerationCallback(Callback):
         if not self.enabled or trainer.sanity_checking or tokenizer is None:
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        # Sampling must not disturb the training random state (exact resume depends on it).
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        # Sampling must not disturb the training random state (exact resume depends on it). It runs the
+        # compiled blocks eagerly: a sample's shapes, KV cache, thread count and grad mode each differ from
+        # training's, and every such variant would cost a recompile (and soon torch.compile's recompile limit).
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
             self.last_samples = [
                 (prompt, generate_text(pl_module.model, tokenizer, prompt, self.sampling, generator=generator))
                 for prompt in self.prompts

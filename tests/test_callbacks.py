@@ -1,13 +1,21 @@
-"""minigpt.callbacks.EMAWeights: what a checkpoint holds, and a resume that continues the same run."""
+"""minigpt.callbacks: EMAWeights (what a checkpoint holds, and a resume that continues the same run), and the
+training-time samples beside compiled blocks."""
 
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from minigpt.callbacks import GenerationCallback
 from minigpt.cli import main
+from minigpt.config import GPTConfig
+from minigpt.generation import SamplingConfig
+from minigpt.hardware import can_compile
+from minigpt.model import GPT
+from minigpt.tokenizer import SPECIALS, Vocab
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EMA = ["--trainer.callbacks+=minigpt.callbacks.EMAWeights", "--trainer.callbacks.decay", "0.5"]
@@ -79,3 +87,23 @@ def test_evaluate_reads_the_average(corpus, tmp_path, capsys):
           "--json"])  # fmt: skip
     current = json.loads(capsys.readouterr().out)["bits_per_character"]
     assert math.isfinite(averaged) and math.isfinite(current) and averaged != current
+
+
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+def test_samples_run_the_compiled_blocks_eagerly():
+    from torch._dynamo.testing import CompileCounter
+
+    vocab = Vocab(list(SPECIALS) + ["the", "movie", "was", "good", "bad", "."])
+    model = GPT(GPTConfig.tiny(vocab_size=len(vocab)))
+    counter = CompileCounter()  # counts the graphs torch.compile builds, and runs them as they are
+    model.compile_parts(backend=counter)
+    ids = torch.randint(0, len(vocab), (2, 8), generator=torch.Generator().manual_seed(0))
+    model.loss(ids, ids).backward()  # training's graphs
+    built = counter.frame_count
+    assert built > 0
+    trainer = SimpleNamespace(sanity_checking=False, global_step=1, logger=None)
+    module = SimpleNamespace(model=model, tokenizer=vocab, device=torch.device("cpu"))
+    callback = GenerationCallback(sampling=SamplingConfig.greedy(6))
+    callback.on_validation_epoch_end(trainer, module)
+    # A sample (other shapes, a KV cache, inference mode) compiled nothing new.
+    assert callback.last_samples[0][0] == "the movie was" and counter.frame_count == built
