@@ -21,6 +21,14 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def use_tensor_cores(device: torch.device | str) -> None:
+    """On a CUDA GPU, let float32 matrix products use its TF32 tensor cores
+    (`torch.set_float32_matmul_precision("high")`, as nanoGPT and litgpt train), unless the program chose a
+    precision already; elsewhere, nothing changes (the setting means nothing to a CPU)."""
+    if torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() == "highest":
+        torch.set_float32_matmul_precision("high")
+
+
 def _cpu_has(probe: str) -> bool:
     # torch.cpu's instruction-set probes are private (underscored) and x86-only; a torch without one, or
     # another architecture, answers False: the float32 path is the safe default.

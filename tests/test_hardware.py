@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minigpt.hardware import can_compile, native_bf16
+from minigpt.hardware import can_compile, native_bf16, use_tensor_cores
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,26 @@ def test_compile_on_cuda_needs_triton(monkeypatch):
         monkeypatch.setattr(triton, "has_triton", lambda: present)
         assert can_compile("cuda") is present
     assert can_compile("meta") is False  # no other device is known to compile
+
+
+@pytest.fixture
+def matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.usefixtures("matmul_precision")
+def test_a_gpu_gets_tf32_for_float32_products_a_cpu_nothing():
+    use_tensor_cores("cpu")
+    assert torch.get_float32_matmul_precision() == "highest"
+    use_tensor_cores(torch.device("cuda"))  # only the setting: no GPU needed
+    assert torch.get_float32_matmul_precision() == "high"
+
+
+@pytest.mark.usefixtures("matmul_precision")
+def test_a_precision_the_program_chose_stays():
+    torch.set_float32_matmul_precision("medium")
+    use_tensor_cores("cuda")
+    assert torch.get_float32_matmul_precision() == "medium"

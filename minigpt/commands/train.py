@@ -43,7 +43,7 @@ from minigpt.configs import resolve_config_args
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.data.documents import CorpusSpec
 from minigpt.errors import UserError
-from minigpt.hardware import native_bf16
+from minigpt.hardware import native_bf16, use_tensor_cores
 from minigpt.lit_module import LitMiniGPT, should_compile
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ class MiniGPTCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # A compile setting the machine cannot honour is refused before the run makes its folder.
-        should_compile(self.model.hparams.get("compile", False), self.trainer.strategy.root_device, announce=False)
+        device = self.trainer.strategy.root_device
+        should_compile(self.model.hparams.get("compile", False), device, announce=False)
+        use_tensor_cores(device)  # before Trainer.fit, which warns about float32 products left to full precision
         if self.trainer.is_global_zero:
             log.info(budget_line(self.trainer, resumed=bool(self.config_init["fit"].get("ckpt_path"))))
 
