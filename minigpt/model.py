@@ -35,9 +35,18 @@ from minigpt.kernels.loss import Workspace, fused_linear_nll_sum
 
 LossKernel = Literal["auto", "plain", "fused"]
 
-# The plain loss evaluates the head on chunks of rows holding at most this many logits (64 MiB in float32),
-# so the full (B*T, vocab_size) logits and their log-softmax never exist as one temporary.
+# The plain loss evaluates the head on chunks of rows holding at most this many logits, so the full
+# (B*T, vocab_size) logits and their log-softmax never exist as one temporary: 64 MiB of float32 on a CPU;
+# 1 GiB on an accelerator, where every chunk costs kernel launches that smaller chunks leave it waiting on
+# (scripts/bench_train.py on a GPU).
 PLAIN_CHUNK_ELEMENTS = 2**24
+ACCELERATOR_PLAIN_CHUNK_ELEMENTS = 2**28
+
+
+def plain_chunk_rows(device: torch.device | str, classes: int) -> int:
+    """The plain loss's default number of rows per chunk of a head with `classes` outputs on `device`."""
+    elements = PLAIN_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_PLAIN_CHUNK_ELEMENTS
+    return max(1, elements // classes)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -52,7 +61,7 @@ def chunked_nll_sum(
     """Summed cross-entropy (float32 scalar) of `head(hidden)` (N, C) against `targets` (N,), a chunk of at
     most `chunk_size` rows at a time, with plain autograd (as litgpt's `chunked_cross_entropy`)."""
     if chunk_size is None:
-        chunk_size = max(1, PLAIN_CHUNK_ELEMENTS // head.out_features)
+        chunk_size = plain_chunk_rows(hidden.device, head.out_features)
     nll_sum = hidden.new_zeros((), dtype=torch.float32)
     for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
         nll_sum = nll_sum + F.cross_entropy(head(h).float(), t, ignore_index=ignore_index, reduction="sum")

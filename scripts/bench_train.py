@@ -203,10 +203,12 @@ class Meter:
 
 
 def head_matmul_probe(rows: int, device: torch.device) -> tuple[Callable[[], None], float]:
-    """The head's three products with plain `torch.matmul` at the benchmark's shapes: (probe, FLOP)."""
+    """The head's three products with plain `torch.matmul` at the benchmark's shapes, in the dtype the contenders'
+    products run in (bfloat16 under autocast on a GPU): (probe, FLOP)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(rows, WIDTH, generator=g).to(device)
-    w = torch.randn(VOCAB, WIDTH, generator=g).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(rows, WIDTH, generator=g).to(device, dtype)
+    w = torch.randn(VOCAB, WIDTH, generator=g).to(device, dtype)
 
     def probe() -> None:
         logits = torch.matmul(x, w.t())  # (rows, V)

@@ -15,6 +15,7 @@ from minigpt.model import (
     adaptive_input_embedding,
     bigram_bucket,
     lm_loss,
+    plain_chunk_rows,
     row_nll,
 )
 
@@ -192,6 +193,13 @@ def test_overfits_one_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.01
+
+
+def test_the_plain_loss_takes_larger_chunks_on_an_accelerator():
+    # 64 MiB of float32 logits per chunk on a CPU, 1 GiB on a GPU (no GPU needed: only the rule).
+    assert plain_chunk_rows("cpu", 100_000) == 2**24 // 100_000 == 167
+    assert plain_chunk_rows(torch.device("cuda"), 100_000) == 2**28 // 100_000 == 2684
+    assert plain_chunk_rows("cpu", 2**30) == 1  # never zero rows
 
 
 @pytest.mark.parametrize("loss_kernel", ["plain", "fused"])
