@@ -43,7 +43,7 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                  ["--model.decay_fraction", "1.0"]),
     "adamw": ("AdamW for the blocks' matrices too, instead of Muon", ["--model.optimizer", "adamw"]),
     "muon_ns3": ("Muon with 3 Newton-Schulz steps instead of 5", ["--model.muon_ns_steps", "3"]),
-    "momentum0.9": ("Muon's momentum 0.9 instead of 0.95", ["--model.muon_momentum", "0.9"]),
+    "momentum0.95": ("Muon's momentum 0.95 instead of 0.9", ["--model.muon_momentum", "0.95"]),
     "adamw_lr3e-2": ("the AdamW half (embeddings, head, norms) at 3e-2 instead of 1e-2", ["--model.adamw_lr", "0.03"]),
     "adamw_lr3e-3": ("the AdamW half (embeddings, head, norms) at 3e-3 instead of 1e-2", ["--model.adamw_lr", "0.003"]),
     "muon_lr2e-2": ("Muon's half (the blocks' matrices) at 2e-2, the AdamW half kept at 1e-2",
