@@ -126,9 +126,13 @@ def loss_kernel_contender(x, y, device, like, loss_kernel: str) -> Contender:
     return _contender(model, lambda: model.loss(x, y), like, x.shape, device)
 
 
-def _autocast(device: torch.device):
+def _compute_dtype(device: torch.device) -> torch.dtype:
     # bf16 on a GPU, as `minigpt fit` runs there (precision bf16-mixed); plain fp32 on CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=_compute_dtype(device) == torch.bfloat16)
 
 
 # -- measuring ------------------------------------------------------------------------------------------
@@ -204,9 +208,9 @@ class Meter:
 
 def head_matmul_probe(rows: int, device: torch.device) -> tuple[Callable[[], None], float]:
     """The head's three products with plain `torch.matmul` at the benchmark's shapes, in the dtype the contenders'
-    products run in (bfloat16 under autocast on a GPU): (probe, FLOP)."""
+    products run in (`_compute_dtype`): (probe, FLOP)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _compute_dtype(device)
     x = torch.randn(rows, WIDTH, generator=g).to(device, dtype)
     w = torch.randn(VOCAB, WIDTH, generator=g).to(device, dtype)
 
