@@ -255,6 +255,11 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
 # the more exact of the two; for long sequences bfloat16's halved memory traffic wins
 # (scripts/bench_attention.py times both).
 CPU_FLOAT32_ATTENTION_MAX_KEYS = 128
+# Up to this many keys, bfloat16 causal attention over a whole block on a CPU (training and its validation)
+# runs as two bfloat16 matrix products around a float32 softmax instead of the attention kernel: with few
+# keys the (T, T) scores are small and the products run at the CPU's bfloat16 matrix speed; for long
+# sequences the kernel, which never holds the scores, wins (scripts/bench_attention.py times all three).
+CPU_MATRIX_ATTENTION_MAX_KEYS = 512
 
 
 def float32_attention(q: Tensor, k: Tensor) -> bool:
@@ -262,9 +267,35 @@ def float32_attention(q: Tensor, k: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_FLOAT32_ATTENTION_MAX_KEYS
 
 
+def matrix_attention(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
+    """Whether causal attention over these bfloat16 CPU queries and keys (B, nh, T, hs) runs as matrix
+    products (`causal_matrix_attention`): a whole block's causal attention, without a mask of its own, over
+    at most `CPU_MATRIX_ATTENTION_MAX_KEYS` keys."""
+    return (
+        q.device.type == "cpu" and q.dtype == torch.bfloat16 and is_causal and attn_mask is None
+        and q.size(-2) == k.size(-2) <= CPU_MATRIX_ATTENTION_MAX_KEYS
+    )  # fmt: skip
+
+
+def causal_matrix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Causal `scaled_dot_product_attention` of (B, nh, T, hs) bfloat16 q, k, v written out: the scores q kᵀ
+    and the output p v as bfloat16 matrix products (float32 sums), the scaling, the mask and the softmax in
+    float32, as autocast computes attention written this way on a GPU."""
+    T = q.size(-2)
+    with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by autocast's op lists
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        p = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        if dropout_p > 0.0:
+            p = F.dropout(p, dropout_p)
+        return torch.matmul(p.to(v.dtype), v)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, **options)`, computed in float32 where `float32_attention` says
-    so, returned in q's dtype either way."""
+    """`F.scaled_dot_product_attention(q, k, v, **options)`, as matrix products where `matrix_attention` says
+    so, else in float32 where `float32_attention` says so, returned in q's dtype either way."""
+    if matrix_attention(q, k, options.get("attn_mask"), options.get("is_causal", False)):
+        return causal_matrix_attention(q, k, v, options.get("dropout_p", 0.0))
     if not float32_attention(q, k):
         return F.scaled_dot_product_attention(q, k, v, **options)
     with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 copies back to bfloat16

@@ -1,16 +1,20 @@
-"""Causal attention on a CPU in bfloat16 and in float32, forward and backward, over a range of sequence lengths.
+"""Causal attention on a CPU in bfloat16, in float32 and as matrix products, forward and backward, over a range
+of sequence lengths.
 
     python scripts/bench_attention.py [--lengths 64 128 256 512 1024] [--tokens 4096] [--heads 2]
         [--head_size 80] [--rounds 15] [--json FILE]
 
-Under `bf16-mixed` the queries, keys and values reach `scaled_dot_product_attention` in bfloat16; the model
-runs attention in float32 instead when the keys are few (`minigpt.model.CPU_FLOAT32_ATTENTION_MAX_KEYS`).
-This script times what that choice is between, at each length: `scaled_dot_product_attention(q, k, v,
-is_causal=True)` on bfloat16 tensors, and the same on their float32 copies (the casts timed with it, as
-the model pays them), each followed by the backward pass into the bfloat16 tensors. Every length has the
-same tokens per batch (`--tokens`, the recipe's 64 blocks of 64 by default; batch = tokens / length) and
-the recipe's heads; the two take turns, one call each per round, and the table shows the median of
-`--rounds` rounds (after 3 of warm-up), their ratio and which of the two the model runs.
+Under `bf16-mixed` the queries, keys and values reach attention in bfloat16. The model runs a whole block's
+causal attention (training and its validation) as bfloat16 matrix products around a float32 softmax up to
+`minigpt.model.CPU_MATRIX_ATTENTION_MAX_KEYS` keys (`causal_matrix_attention`), and other attention (padded
+prompts, generation's cache) in float32 up to `CPU_FLOAT32_ATTENTION_MAX_KEYS` keys. This script times what
+these choices are between, at each length: `scaled_dot_product_attention(q, k, v, is_causal=True)` on
+bfloat16 tensors, the same on their float32 copies (the casts timed with it, as the model pays them), and
+`causal_matrix_attention(q, k, v)`, each followed by the backward pass into the bfloat16 tensors. Every
+length has the same tokens per batch (`--tokens`, 4,096 by default; batch = tokens / length) and the
+recipe's heads; the three take turns, one call each per round, and the table shows the median of `--rounds`
+rounds (after 3 of warm-up), each one's time over the bfloat16 kernel's and which one the model runs for a
+block's causal attention.
 """
 
 from __future__ import annotations
@@ -29,20 +33,31 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, as `python scripts/...` sees them
 from quality_vs_minutes import machine  # noqa: E402
 
-from minigpt.model import float32_attention  # noqa: E402
+from minigpt.model import causal_matrix_attention, float32_attention, matrix_attention  # noqa: E402
 
 WARMUP_ROUNDS = 3
 
 
-def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, float32: bool) -> float:
-    """Seconds for causal attention over bfloat16 q, k, v (in float32 if asked) and its backward pass."""
+CONTENDERS = {
+    "bfloat16": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    "float32": lambda q, k, v: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True),
+    "matrix": causal_matrix_attention,
+}
+
+
+def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contender: str) -> float:
+    """Seconds for causal attention over bfloat16 q, k, v the contender's way, and its backward pass."""
     start = time.perf_counter()
-    if float32:
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y = CONTENDERS[contender](q, k, v)
     y.backward(torch.ones_like(y))
     return time.perf_counter() - start
+
+
+def model_runs(q: torch.Tensor, k: torch.Tensor) -> str:
+    """Which contender the model runs for a whole block's causal attention over these queries and keys."""
+    if matrix_attention(q, k, is_causal=True):
+        return "matrix"
+    return "float32" if float32_attention(q, k) else "bfloat16"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,19 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
     for length in args.lengths:
         shape = (args.tokens // length, args.heads, length, args.head_size)
         q, k, v = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        times: dict[str, list[float]] = {"bfloat16": [], "float32": []}
+        times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
         for round_ in range(WARMUP_ROUNDS + args.rounds):
             for name in times:
-                seconds = attention_step(q, k, v, float32=name == "float32")
+                seconds = attention_step(q, k, v, name)
                 if round_ >= WARMUP_ROUNDS:
                     times[name].append(seconds)
-        bf16, fp32 = (1000 * statistics.median(times[name]) for name in times)
+        bf16, fp32, matrix = (1000 * statistics.median(times[name]) for name in CONTENDERS)
         rows.append({
-            "length": length, "batch": shape[0], "bfloat16_ms": bf16, "float32_ms": fp32,
-            "float32_of_bfloat16": fp32 / bf16, "model_runs": "float32" if float32_attention(q, k) else "bfloat16",
+            "length": length, "batch": shape[0], "bfloat16_ms": bf16, "float32_ms": fp32, "matrix_ms": matrix,
+            "float32_of_bfloat16": fp32 / bf16, "matrix_of_bfloat16": matrix / bf16, "model_runs": model_runs(q, k),
         })  # fmt: skip
-        print(f"length {length:5d} batch {shape[0]:4d}: bfloat16 {bf16:8.2f} ms  float32 {fp32:8.2f} ms  "
-              f"({fp32 / bf16:.2f}x)  the model runs {rows[-1]['model_runs']}")  # fmt: skip
+        print(f"length {length:5d} batch {shape[0]:4d}: bfloat16 {bf16:8.2f} ms  float32 {fp32:8.2f} ms "
+              f"({fp32 / bf16:.2f}x)  matrix {matrix:8.2f} ms ({matrix / bf16:.2f}x)  "
+              f"the model runs {rows[-1]['model_runs']}")  # fmt: skip
     report = {
         "machine": machine(), "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "heads": args.heads, "head_size": args.head_size, "tokens": args.tokens,

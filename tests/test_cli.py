@@ -21,7 +21,7 @@ from minigpt.cli import main
 from minigpt.commands.train import MiniGPTCLI
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.lit_module import LitMiniGPT
-from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS
+from minigpt.model import CPU_MATRIX_ATTENTION_MAX_KEYS
 from minigpt.plot import loss_figure, read_scalars
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -756,16 +756,16 @@ def test_step_cost_computes_the_loss_in_the_recipes_precision(step_cost_script, 
     assert contender.step(tokens, tokens) > 0 and seen == [autocast]
 
 
-def test_bench_attention_times_both_precisions_and_names_the_models_choice(attention_script, tmp_path, capsys):
-    out, limit = tmp_path / "attention.json", CPU_FLOAT32_ATTENTION_MAX_KEYS
+def test_bench_attention_times_the_three_ways_and_names_the_models_choice(attention_script, tmp_path, capsys):
+    out, limit = tmp_path / "attention.json", CPU_MATRIX_ATTENTION_MAX_KEYS
     options = ["--lengths", str(limit), str(2 * limit), "--tokens", str(2 * limit), "--heads", "1", "--head_size", "4",
                "--rounds", "1", "--json", str(out)]  # fmt: skip
     report = attention_script.main(options)
     assert json.loads(out.read_text()) == report
     assert [(row["length"], row["batch"], row["model_runs"]) for row in report["rows"]] == [
-        (limit, 2, "float32"), (2 * limit, 1, "bfloat16")]  # fmt: skip
-    assert all(row["bfloat16_ms"] > 0 and row["float32_ms"] > 0 for row in report["rows"])
-    assert "the model runs float32" in capsys.readouterr().out
+        (limit, 2, "matrix"), (2 * limit, 1, "bfloat16")]  # fmt: skip
+    assert all(row[f"{name}_ms"] > 0 for row in report["rows"] for name in ("bfloat16", "float32", "matrix"))
+    assert "the model runs matrix" in capsys.readouterr().out
 
 
 def test_bench_attention_refuses_a_length_that_does_not_divide_the_batch(attention_script, capsys):

@@ -10,10 +10,12 @@ from minigpt.config import GPTConfig
 from minigpt.hardware import can_compile
 from minigpt.model import (
     CPU_FLOAT32_ATTENTION_MAX_KEYS,
+    CPU_MATRIX_ATTENTION_MAX_KEYS,
     GPT,
     RMSNorm,
     adaptive_input_embedding,
     bigram_bucket,
+    causal_matrix_attention,
     lm_loss,
     plain_chunk_rows,
     row_nll,
@@ -595,32 +597,81 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
 
 
 @pytest.mark.parametrize("positional", ["learned", "rotary"])
-def test_bf16_attention_on_cpu_runs_in_float32_up_to_its_key_limit(monkeypatch, positional):
-    limit = CPU_FLOAT32_ATTENTION_MAX_KEYS
-    model = make_model(positional=positional, qk_norm=True, norm_first=True, block_size=limit + 8)
+def test_bf16_attention_on_cpu_takes_the_path_its_key_limits_give(monkeypatch, positional):
+    small, large = CPU_FLOAT32_ATTENTION_MAX_KEYS, CPU_MATRIX_ATTENTION_MAX_KEYS
+    model = make_model(positional=positional, qk_norm=True, norm_first=True, block_size=large + 8)
     seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa, matrix = torch.nn.functional.scaled_dot_product_attention, causal_matrix_attention
 
-    def recording(q, k, v, **kwargs):
+    def recording_sdpa(q, k, v, **kwargs):
         out = sdpa(q, k, v, **kwargs)
-        seen.append(out.dtype)  # the dtype it computed in: autocast casts the inputs of this op after the call
+        seen.append(("kernel", out.dtype))  # the dtype it computed in: autocast casts this op's inputs after the call
         return out
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    for length, inside in ((limit, torch.float32), (limit + 1, torch.bfloat16)):
+    def recording_matrix(q, k, v, *args):
+        seen.append(("matrix", q.dtype))
+        return matrix(q, k, v, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr("minigpt.model.causal_matrix_attention", recording_matrix)
+    # A whole block's causal attention (training, validation): matrix products up to their limit, the kernel beyond.
+    for length, path in ((small, ("matrix", torch.bfloat16)), (large, ("matrix", torch.bfloat16)),
+                         (large + 1, ("kernel", torch.bfloat16))):  # fmt: skip
         seen.clear()
         idx = random_ids(32, 2, length)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model.loss(idx, idx.roll(-1, 1))
         loss.backward()
-        assert seen == [inside] * 2  # both layers
+        assert seen == [path] * 2  # both layers
         assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
         model.zero_grad()
-    # Outside autocast a float32 model's attention is float32 as before.
+    # Attention with a mask of its own (padded prompts) takes the kernel: in float32 up to its limit.
+    for keys, dtype in ((small, torch.float32), (small + 1, torch.bfloat16)):
+        seen.clear()
+        idx, pad, _ = left_padded([3, keys], keys, 32)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, key_padding_mask=pad)
+        assert seen == [("kernel", dtype)] * 2
+    # Outside autocast a float32 model's attention is the float32 kernel as before.
     seen.clear()
     with torch.no_grad():
         model(random_ids(32, 2, 8))
-    assert seen == [torch.float32] * 2
+    assert seen == [("kernel", torch.float32)] * 2
+
+
+@pytest.mark.parametrize("length", [1, 7, 64])
+def test_causal_matrix_attention_is_sdpa_in_bf16_precision(length):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, length, 16) for _ in range(3))
+    grad = torch.randn(3, 2, length, 16)
+    # The reference: the float32 kernel on the same bfloat16-rounded inputs.
+    ref_inputs = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_inputs, is_causal=True)
+    ref.backward(grad)
+    inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = causal_matrix_attention(*inputs)
+    out.backward(grad.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=6e-2, rtol=4e-2)
+    # A later token never reaches an earlier output.
+    late = [t.clone() for t in inputs]
+    late[1][..., -1, :] += 5.0
+    late[2][..., -1, :] += 5.0
+    changed = causal_matrix_attention(*late).detach()
+    torch.testing.assert_close(changed[..., :-1, :], out.detach()[..., :-1, :], atol=0, rtol=0)
+
+
+def test_causal_matrix_attention_drops_attention_weights_in_training():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8).bfloat16() for _ in range(3))
+    plain = causal_matrix_attention(q, k, v)
+    torch.manual_seed(1)
+    dropped = causal_matrix_attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped.float(), plain.float(), atol=1e-2)
+    torch.manual_seed(1)
+    torch.testing.assert_close(causal_matrix_attention(q, k, v, dropout_p=0.5), dropped, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
