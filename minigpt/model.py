@@ -250,31 +250,20 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
 
 
-# Up to this many keys, bfloat16 attention on a CPU runs in float32 instead: torch's CPU flash-attention
-# kernel is slower in bfloat16 than in float32 for short sequences (its backward pass most), and float32 is
-# the more exact of the two; for long sequences bfloat16's halved memory traffic wins
-# (scripts/bench_attention.py times both).
-CPU_FLOAT32_ATTENTION_MAX_KEYS = 128
-# Up to this many keys, bfloat16 causal attention over a whole block on a CPU (training and its validation)
-# runs as two bfloat16 matrix products around a float32 softmax instead of the attention kernel: with few
-# keys the (T, T) scores are small and the products run at the CPU's bfloat16 matrix speed; for long
-# sequences the kernel, which never holds the scores, wins (scripts/bench_attention.py times all three).
-CPU_MATRIX_ATTENTION_MAX_KEYS = 512
+# Up to this many keys, bfloat16 attention on a CPU does not run torch's attention kernel in bfloat16, which
+# for short sequences is slower than in float32 (its backward pass most): a whole block's causal attention
+# (training and its validation) runs as bfloat16 matrix products around a float32 softmax
+# (`causal_matrix_attention`), faster still, and other attention (padded prompts, generation's cache) runs
+# the kernel in float32, the more exact of the two. For long sequences the bfloat16 kernel's halved memory
+# traffic wins, and the matrix products, which hold every (T, T) score, lose (scripts/bench_attention.py
+# times all three).
+CPU_SHORT_ATTENTION_MAX_KEYS = 128
 
 
-def float32_attention(q: Tensor, k: Tensor) -> bool:
-    """Whether attention over these bfloat16 CPU queries and keys (B, nh, T|S, hs) runs in float32."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_FLOAT32_ATTENTION_MAX_KEYS
-
-
-def matrix_attention(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
-    """Whether causal attention over these bfloat16 CPU queries and keys (B, nh, T, hs) runs as matrix
-    products (`causal_matrix_attention`): a whole block's causal attention, without a mask of its own, over
-    at most `CPU_MATRIX_ATTENTION_MAX_KEYS` keys."""
-    return (
-        q.device.type == "cpu" and q.dtype == torch.bfloat16 and is_causal and attn_mask is None
-        and q.size(-2) == k.size(-2) <= CPU_MATRIX_ATTENTION_MAX_KEYS
-    )  # fmt: skip
+def short_cpu_attention(q: Tensor, k: Tensor) -> bool:
+    """Whether attention over these bfloat16 CPU queries and keys (B, nh, T|S, hs) avoids the bfloat16 kernel
+    (at most `CPU_SHORT_ATTENTION_MAX_KEYS` keys)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_SHORT_ATTENTION_MAX_KEYS
 
 
 def causal_matrix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
@@ -292,12 +281,13 @@ def causal_matrix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, **options)`, as matrix products where `matrix_attention` says
-    so, else in float32 where `float32_attention` says so, returned in q's dtype either way."""
-    if matrix_attention(q, k, options.get("attn_mask"), options.get("is_causal", False)):
-        return causal_matrix_attention(q, k, v, options.get("dropout_p", 0.0))
-    if not float32_attention(q, k):
+    """`F.scaled_dot_product_attention(q, k, v, **options)`, returned in q's dtype. Where `short_cpu_attention`
+    says so, a whole block's causal attention (no mask of its own, as many queries as keys) runs as
+    `causal_matrix_attention` and other attention in float32."""
+    if not short_cpu_attention(q, k):
         return F.scaled_dot_product_attention(q, k, v, **options)
+    if options.get("is_causal") and options.get("attn_mask") is None and q.size(-2) == k.size(-2):
+        return causal_matrix_attention(q, k, v, options.get("dropout_p", 0.0))
     with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 copies back to bfloat16
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options).to(q.dtype)
 

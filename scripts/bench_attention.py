@@ -4,11 +4,11 @@ of sequence lengths.
     python scripts/bench_attention.py [--lengths 64 128 256 512 1024] [--tokens 4096] [--heads 2]
         [--head_size 80] [--rounds 15] [--json FILE]
 
-Under `bf16-mixed` the queries, keys and values reach attention in bfloat16. The model runs a whole block's
-causal attention (training and its validation) as bfloat16 matrix products around a float32 softmax up to
-`minigpt.model.CPU_MATRIX_ATTENTION_MAX_KEYS` keys (`causal_matrix_attention`), and other attention (padded
-prompts, generation's cache) in float32 up to `CPU_FLOAT32_ATTENTION_MAX_KEYS` keys. This script times what
-these choices are between, at each length: `scaled_dot_product_attention(q, k, v, is_causal=True)` on
+Under `bf16-mixed` the queries, keys and values reach attention in bfloat16. Up to
+`minigpt.model.CPU_SHORT_ATTENTION_MAX_KEYS` keys the model runs a whole block's causal attention (training
+and its validation) as bfloat16 matrix products around a float32 softmax (`causal_matrix_attention`), and
+other attention (padded prompts, generation's cache) in float32; beyond it, torch's kernel in bfloat16. This
+script times what these choices are between, at each length: `scaled_dot_product_attention(q, k, v, is_causal=True)` on
 bfloat16 tensors, the same on their float32 copies (the casts timed with it, as the model pays them), and
 `causal_matrix_attention(q, k, v)`, each followed by the backward pass into the bfloat16 tensors. Every
 length has the same tokens per batch (`--tokens`, 4,096 by default; batch = tokens / length) and the
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, as `python scripts/...` sees them
 from quality_vs_minutes import machine  # noqa: E402
 
-from minigpt.model import causal_matrix_attention, float32_attention, matrix_attention  # noqa: E402
+from minigpt.model import causal_matrix_attention, short_cpu_attention  # noqa: E402
 
 WARMUP_ROUNDS = 3
 
@@ -55,9 +55,7 @@ def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contender:
 
 def model_runs(q: torch.Tensor, k: torch.Tensor) -> str:
     """Which contender the model runs for a whole block's causal attention over these queries and keys."""
-    if matrix_attention(q, k, is_causal=True):
-        return "matrix"
-    return "float32" if float32_attention(q, k) else "bfloat16"
+    return "matrix" if short_cpu_attention(q, k) else "bfloat16"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,7 @@ from minigpt.cli import main
 from minigpt.commands.train import MiniGPTCLI
 from minigpt.data.datamodule import IMDBDataModule
 from minigpt.lit_module import LitMiniGPT
-from minigpt.model import CPU_MATRIX_ATTENTION_MAX_KEYS
+from minigpt.model import CPU_SHORT_ATTENTION_MAX_KEYS
 from minigpt.plot import loss_figure, read_scalars
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -757,7 +757,7 @@ def test_step_cost_computes_the_loss_in_the_recipes_precision(step_cost_script, 
 
 
 def test_bench_attention_times_the_three_ways_and_names_the_models_choice(attention_script, tmp_path, capsys):
-    out, limit = tmp_path / "attention.json", CPU_MATRIX_ATTENTION_MAX_KEYS
+    out, limit = tmp_path / "attention.json", CPU_SHORT_ATTENTION_MAX_KEYS
     options = ["--lengths", str(limit), str(2 * limit), "--tokens", str(2 * limit), "--heads", "1", "--head_size", "4",
                "--rounds", "1", "--json", str(out)]  # fmt: skip
     report = attention_script.main(options)

@@ -9,8 +9,7 @@ from script_loader import load_script
 from minigpt.config import GPTConfig
 from minigpt.hardware import can_compile
 from minigpt.model import (
-    CPU_FLOAT32_ATTENTION_MAX_KEYS,
-    CPU_MATRIX_ATTENTION_MAX_KEYS,
+    CPU_SHORT_ATTENTION_MAX_KEYS,
     GPT,
     RMSNorm,
     adaptive_input_embedding,
@@ -597,9 +596,9 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
 
 
 @pytest.mark.parametrize("positional", ["learned", "rotary"])
-def test_bf16_attention_on_cpu_takes_the_path_its_key_limits_give(monkeypatch, positional):
-    small, large = CPU_FLOAT32_ATTENTION_MAX_KEYS, CPU_MATRIX_ATTENTION_MAX_KEYS
-    model = make_model(positional=positional, qk_norm=True, norm_first=True, block_size=large + 8)
+def test_bf16_attention_on_cpu_takes_the_path_its_key_limit_gives(monkeypatch, positional):
+    limit = CPU_SHORT_ATTENTION_MAX_KEYS
+    model = make_model(positional=positional, qk_norm=True, norm_first=True, block_size=limit + 8)
     seen = []
     sdpa, matrix = torch.nn.functional.scaled_dot_product_attention, causal_matrix_attention
 
@@ -614,9 +613,8 @@ def test_bf16_attention_on_cpu_takes_the_path_its_key_limits_give(monkeypatch, p
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     monkeypatch.setattr("minigpt.model.causal_matrix_attention", recording_matrix)
-    # A whole block's causal attention (training, validation): matrix products up to their limit, the kernel beyond.
-    for length, path in ((small, ("matrix", torch.bfloat16)), (large, ("matrix", torch.bfloat16)),
-                         (large + 1, ("kernel", torch.bfloat16))):  # fmt: skip
+    # A whole block's causal attention (training, validation): matrix products up to the limit, the kernel beyond.
+    for length, path in ((limit, ("matrix", torch.bfloat16)), (limit + 1, ("kernel", torch.bfloat16))):
         seen.clear()
         idx = random_ids(32, 2, length)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -626,7 +624,7 @@ def test_bf16_attention_on_cpu_takes_the_path_its_key_limits_give(monkeypatch, p
         assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
         model.zero_grad()
     # Attention with a mask of its own (padded prompts) takes the kernel: in float32 up to its limit.
-    for keys, dtype in ((small, torch.float32), (small + 1, torch.bfloat16)):
+    for keys, dtype in ((limit, torch.float32), (limit + 1, torch.bfloat16)):
         seen.clear()
         idx, pad, _ = left_padded([3, keys], keys, 32)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
