@@ -260,10 +260,14 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
 CPU_SHORT_ATTENTION_MAX_KEYS = 128
 
 
-def short_cpu_attention(q: Tensor, k: Tensor) -> bool:
-    """Whether attention over these bfloat16 CPU queries and keys (B, nh, T|S, hs) avoids the bfloat16 kernel
-    (at most `CPU_SHORT_ATTENTION_MAX_KEYS` keys)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_SHORT_ATTENTION_MAX_KEYS
+def attention_way(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> str:
+    """How `attention` computes attention over these queries and keys (B, nh, T|S, hs): "matrix"
+    (`causal_matrix_attention`: a whole block's causal attention, no mask of its own, as many queries as keys)
+    or "float32" (the kernel on float32 copies) for bfloat16 CPU attention over at most
+    `CPU_SHORT_ATTENTION_MAX_KEYS` keys, else "kernel" (`F.scaled_dot_product_attention` as it is given)."""
+    if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= CPU_SHORT_ATTENTION_MAX_KEYS):
+        return "kernel"
+    return "matrix" if is_causal and attn_mask is None and q.size(-2) == k.size(-2) else "float32"
 
 
 def causal_matrix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
@@ -281,12 +285,12 @@ def causal_matrix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, **options)`, returned in q's dtype. Where `short_cpu_attention`
-    says so, a whole block's causal attention (no mask of its own, as many queries as keys) runs as
-    `causal_matrix_attention` and other attention in float32."""
-    if not short_cpu_attention(q, k):
+    """`F.scaled_dot_product_attention(q, k, v, **options)`, computed the way `attention_way` says, returned in
+    q's dtype."""
+    way = attention_way(q, k, options.get("attn_mask"), options.get("is_causal", False))
+    if way == "kernel":
         return F.scaled_dot_product_attention(q, k, v, **options)
-    if options.get("is_causal") and options.get("attn_mask") is None and q.size(-2) == k.size(-2):
+    if way == "matrix":
         return causal_matrix_attention(q, k, v, options.get("dropout_p", 0.0))
     with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 copies back to bfloat16
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options).to(q.dtype)

@@ -7,14 +7,14 @@ of sequence lengths.
 Under `bf16-mixed` the queries, keys and values reach attention in bfloat16. Up to
 `minigpt.model.CPU_SHORT_ATTENTION_MAX_KEYS` keys the model runs a whole block's causal attention (training
 and its validation) as bfloat16 matrix products around a float32 softmax (`causal_matrix_attention`), and
-other attention (padded prompts, generation's cache) in float32; beyond it, torch's kernel in bfloat16. This
-script times what these choices are between, at each length: `scaled_dot_product_attention(q, k, v, is_causal=True)` on
-bfloat16 tensors, the same on their float32 copies (the casts timed with it, as the model pays them), and
-`causal_matrix_attention(q, k, v)`, each followed by the backward pass into the bfloat16 tensors. Every
-length has the same tokens per batch (`--tokens`, 4,096 by default; batch = tokens / length) and the
-recipe's heads; the three take turns, one call each per round, and the table shows the median of `--rounds`
-rounds (after 3 of warm-up), each one's time over the bfloat16 kernel's and which one the model runs for a
-block's causal attention.
+other attention (padded prompts, generation's cache) in float32; beyond it, torch's kernel in bfloat16
+(`minigpt.model.attention_way`). This script times what these choices are between, at each length:
+`scaled_dot_product_attention(q, k, v, is_causal=True)` on bfloat16 tensors, the same on their float32 copies
+(the casts timed with it, as the model pays them), and `causal_matrix_attention(q, k, v)`, each followed by
+the backward pass into the bfloat16 tensors. Every length has the same tokens per batch (`--tokens`, 4,096 by
+default; batch = tokens / length) and the recipe's heads; the three take turns, one call each per round, and
+the table shows the median of `--rounds` rounds (after 3 of warm-up), each one's time over the bfloat16
+kernel's and which one the model runs for a block's causal attention.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, as `python scripts/...` sees them
 from quality_vs_minutes import machine  # noqa: E402
 
-from minigpt.model import causal_matrix_attention, short_cpu_attention  # noqa: E402
+from minigpt.model import attention_way, causal_matrix_attention  # noqa: E402
 
 WARMUP_ROUNDS = 3
 
@@ -54,8 +54,9 @@ def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contender:
 
 
 def model_runs(q: torch.Tensor, k: torch.Tensor) -> str:
-    """Which contender the model runs for a whole block's causal attention over these queries and keys."""
-    return "matrix" if short_cpu_attention(q, k) else "bfloat16"
+    """Which contender the model runs for a whole block's causal attention over these bfloat16 queries and keys."""
+    way = attention_way(q, k, is_causal=True)
+    return "bfloat16" if way == "kernel" else way
 
 
 def main(argv: list[str] | None = None) -> dict:
