@@ -30,6 +30,7 @@ M = "--model.config."
 # name -> (what it changes, the options that change it). Options are overrides of configs/imdb.yaml.
 LEVERS: dict[str, tuple[str, list[str]]] = {
     "recipe": ("configs/imdb.yaml as it is", []),
+    "recipe_again": ("configs/imdb.yaml as it is, once more (a control: its effect is the measurement's noise)", []),
     "gpt2_block": ("GPT-2's block: learned positions, LayerNorm, GELU, no QK-norm, Xavier-initialised "
                    "output projections, biases",
                    [M + "positional", "learned", M + "norm", "layernorm", M + "activation", "gelu",
@@ -92,6 +93,10 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "heads4": ("4 heads of width 40 instead of 2 of 80", [M + "n_head", "4"]),
     "cutoffs2k": ("adaptive cutoffs 2000/10000/25000 instead of 1000/5000/20000",
                   [M + "adaptive_cutoffs", "[2000, 10000, 25000]"]),
+    "cutoffs700": ("adaptive cutoffs 700/3000/10000/20000 instead of 1000/5000/20000 (a fourth, narrower tail cluster)",
+                   [M + "adaptive_cutoffs", "[700, 3000, 10000, 20000]"]),
+    "div1.5": ("adaptive_div_value 1.5 instead of 2 (tail clusters of 106, 71 and 47 features instead of 80, 40, 20)",
+               [M + "adaptive_div_value", "1.5"]),
     "layers3": ("3 layers instead of 2", [M + "n_layer", "3"]),
     "layers1": ("1 layer instead of 2", [M + "n_layer", "1"]),
     "no_compile": ("the blocks run eagerly instead of compiled (where torch.compile can build kernels)",
