@@ -17,8 +17,9 @@ the process as `minigpt fit` keeps it (`minigpt.allocator`) and the blocks compi
 independently from a Zipf distribution over `--vocab_size` words (word frequencies follow one, and the
 adaptive head's cost depends on which cluster a target falls in); the batch has the recipe's shape.
 The table shows each contender's parameters, its median step time over the rounds (after 3 rounds of warm-up) and its
-ratio to the recipe's. Only levers that change the model or its optimizer (`--model.*` options) have a
-cost to measure this way; the others are refused.
+ratio to the recipe's. `--levers recipe_again` adds a second build of the recipe as a control: its ratio,
+1.0 on a steady machine, shows how far the others' can be trusted. Only levers that change the model or its
+optimizer (`--model.*` options) have a cost to measure this way; the others are refused.
 """
 
 from __future__ import annotations

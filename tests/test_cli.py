@@ -730,6 +730,15 @@ def test_step_cost_times_the_recipe_against_the_lever_taken_out(step_cost_script
     assert "no_bigram" in capsys.readouterr().out
 
 
+def test_step_cost_times_a_second_build_of_the_recipe_as_a_control(step_cost_script, monkeypatch):
+    monkeypatch.setattr(step_cost_script, "should_compile", lambda *args, **kwargs: False)
+    report = step_cost_script.main(["--levers", "recipe_again", "--rounds", "1", "--vocab_size", "2000"])
+    rows = {row["lever"]: row for row in report["rows"]}
+    assert list(rows) == ["recipe", "recipe_again"]  # two contenders, not the recipe once
+    assert rows["recipe_again"]["parameters"] == rows["recipe"]["parameters"]
+    assert rows["recipe_again"]["ms_per_step"] > 0
+
+
 def test_step_cost_starts_each_round_with_the_next_contender(step_cost_script, monkeypatch):
     # In a fixed order the first contender's steps time slower: every contender goes first as often.
     turns = []
