@@ -198,10 +198,27 @@ def adaptive_nll(
         tails.append((i, lo, inside.nonzero().squeeze(1)))
     nll = row_nll(adaptive.head(hidden), column, compiled)
     for i, lo, rows in tails:
-        if rows.numel():
-            word = targets.index_select(0, rows) - lo
-            nll = nll.index_add(0, rows, row_nll(adaptive.tail[i](hidden.index_select(0, rows)), word, compiled))
+        if n := rows.numel():
+            # A cluster's rows are padded to one of a few sizes (the extra rows compute row 0's hidden state
+            # against word 0 and are dropped): see `rows_bucket`.
+            extra = rows_bucket(n) - n
+            word = F.pad(targets.index_select(0, rows) - lo, (0, extra))
+            padded = F.pad(rows, (0, extra))
+            cluster_nll = row_nll(adaptive.tail[i](hidden.index_select(0, padded)), word, compiled)
+            nll = nll.index_add(0, rows, cluster_nll[:n])
     return nll
+
+
+def rows_bucket(n: int) -> int:
+    """`n` rounded up to a multiple of an eighth of the largest power of two <= n (at least 8): 500 -> 512, 600 -> 640.
+
+    oneDNN, which runs bfloat16 matrix products on a CPU, builds (JIT-compiles) a kernel for each new shape
+    and keeps a bounded cache of them. The number of rows whose targets fall in an adaptive softmax cluster
+    changes with every batch, so without rounding each step would build its cluster products' kernels
+    anew, page faults included. Rounded, a cluster sees a handful of sizes, for at most an eighth more rows.
+    """
+    step = max(8, 1 << max(n.bit_length() - 4, 0))
+    return -(-n // step) * step
 
 
 def sinusoidal_positions(block_size: int, n_embd: int) -> Tensor:

@@ -18,6 +18,7 @@ from minigpt.model import (
     lm_loss,
     plain_chunk_rows,
     row_nll,
+    rows_bucket,
 )
 
 TransformerModel = load_script("tutorial_model").TransformerModel  # scripts/tutorial_model.py
@@ -352,6 +353,29 @@ def test_compiled_parts_compute_the_plain_models_loss_and_gradients():
     for g_compiled, g_plain in zip(*reversed(grads)):
         torch.testing.assert_close(g_compiled, g_plain, atol=1e-5, rtol=1e-4)
     assert not any("_orig_mod" in k for k in compiled.state_dict())  # compiled in place: the usual keys
+
+
+def test_rows_bucket_rounds_up_to_few_sizes_by_at_most_an_eighth():
+    assert [rows_bucket(n) for n in (1, 8, 9, 100, 500, 512, 600, 4096)] == [8, 8, 16, 104, 512, 512, 640, 4096]
+    assert all(n <= rows_bucket(n) <= n + max(7, n // 8) for n in range(1, 5000))
+    # The row counts of a cluster across batches (a few hundred apart) map to a handful of sizes.
+    assert len({rows_bucket(n) for n in range(400, 700)}) == 7
+
+
+def test_adaptive_loss_gives_each_cluster_a_bucketed_number_of_rows():
+    # oneDNN builds a kernel per matrix-product shape: a cluster's row count that changes with every batch
+    # would build new ones at every step. The loss pads each cluster's rows to `rows_bucket` of their count
+    # (the loss and gradients stay exact: test_adaptive_head_log_probabilities_and_loss).
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20))
+    seen = []
+    for cluster in model.adaptive.tail:
+        cluster.register_forward_hook(lambda module, args, out: seen.append(args[0].size(0)))
+    idx = random_ids(32, 3, 16, seed=9)
+    targets = torch.zeros(3, 16, dtype=torch.long)
+    targets.view(-1)[:13] = 10  # 13 targets in the first tail cluster [8, 20)
+    targets.view(-1)[13:30] = 25  # 17 in the second [20, 32)
+    model.loss(idx, targets).backward()
+    assert seen == [rows_bucket(13), rows_bucket(17)] == [16, 24]
 
 
 def test_adaptive_loss_refuses_targets_outside_the_vocabulary():
