@@ -183,7 +183,7 @@ def adaptive_nll(
     torch.compile's kernels when `compiled`); the module itself writes each cluster's result into a tensor of
     its input's dtype, which fails under autocast. A target of tail cluster i costs the head's
     log-probability of the cluster plus the cluster's of the word, computed on the rows whose targets fall
-    in it only (a host synchronisation per cluster).
+    in it only (a host synchronisation per cluster), padded to one of a few sizes (`rows_bucket`).
     """
     if targets.numel():
         low, high = (int(t) for t in targets.aminmax())  # one host synchronisation for both ends
