@@ -20,11 +20,6 @@ The table shows each contender's parameters, its median step time over the round
 ratio to the recipe's. `--levers recipe_again` adds a second build of the recipe as a control: its ratio,
 1.0 on a steady machine, shows how far the others' can be trusted. Only levers that change the model or its
 optimizer (`--model.*` options) have a cost to measure this way; the others are refused.
-
-`--profile STEPS` then runs the recipe's step STEPS more times under `torch.profiler` and shows where its time
-goes: each operator's own time per step and share of the profiled time (the compiled blocks' fused kernels
-counted as one row), and for the matrix products the floating-point rate they reached, which tells a step
-bound by arithmetic (the products near the processor's peak) from one bound by everything around them.
 """
 
 from __future__ import annotations
@@ -50,8 +45,6 @@ from minigpt.config import GPTConfig  # noqa: E402
 from minigpt.lit_module import LitMiniGPT, should_compile  # noqa: E402
 
 WARMUP_ROUNDS = 3
-MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-COMPILED_KERNELS = "## Call CompiledFxGraph"  # how the profiler names a call into a compiled graph's own code
 
 
 def recipe(config: str, options: list[str]) -> dict:
@@ -92,46 +85,16 @@ class Contender:
         return time.perf_counter() - start
 
 
-def profile(contender: Contender, batches: list[tuple[torch.Tensor, torch.Tensor]], top: int = 12) -> list[dict]:
-    """Where `contender`'s step spends its time: one row per operator (own time, not its callees'), largest first.
-
-    The calls into compiled graphs (the fused kernels torch.compile built) make one row, the matrix products
-    one row each with their rate in GFLOP/s; `top` rows at most, the rest as "everything else".
-    """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
-        for x, y in batches:
-            contender.step(x, y)
-    rows: dict[str, dict] = {}
-    for event in prof.key_averages():
-        name = "compiled kernels" if event.key.startswith(COMPILED_KERNELS) else event.key
-        row = rows.setdefault(name, {"operator": name, "seconds": 0.0, "flops": 0})
-        row["seconds"] += event.self_cpu_time_total / 1e6
-        row["flops"] += event.flops if name in MATRIX_PRODUCTS else 0
-    total = sum(row["seconds"] for row in rows.values())
-    ranked = sorted(rows.values(), key=lambda row: -row["seconds"])
-    if len(ranked) > top:
-        rest = sum(row["seconds"] for row in ranked[top - 1 :])
-        ranked = ranked[: top - 1] + [{"operator": "everything else", "seconds": rest, "flops": 0}]
-    return [
-        {"operator": row["operator"], "ms_per_step": 1000 * row["seconds"] / len(batches),
-         "share": row["seconds"] / total, "gflop_per_s": row["flops"] / row["seconds"] / 1e9 if row["flops"] else None}
-        for row in ranked
-    ]  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="imdb", help="the recipe the levers change (a file or a recipe name)")
     parser.add_argument("--levers", nargs="+", default=["no_bigram"], choices=list(LEVERS))
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds (one step of every contender each)")
     parser.add_argument("--vocab_size", type=int, default=49441, help="words (the recipe's vocabulary on IMDB)")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="then profile this many more of the recipe's steps (0: none)")  # fmt: skip
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.vocab_size < 2 or args.profile < 0:
-        parser.error(f"--rounds must be at least 1, --vocab_size at least 2 and --profile at least 0, got "
-                     f"{args.rounds}, {args.vocab_size} and {args.profile}")  # fmt: skip
+    if args.rounds < 1 or args.vocab_size < 2:
+        parser.error(f"--rounds must be at least 1 and --vocab_size at least 2, got {args.rounds}, {args.vocab_size}")
     for name in args.levers:
         if not all(flag.startswith("--model.") for flag in LEVERS[name][1][::2]):
             parser.error(f"lever {name} changes more than the model and its optimizer; its cost is a matter of "
@@ -149,16 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     zipf = 1.0 / torch.arange(1, args.vocab_size + 1, dtype=torch.float64)
     tokens = torch.Generator().manual_seed(0)
     turn = list(contenders.values())
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    for round_ in range(WARMUP_ROUNDS + args.rounds):
         batch = torch.multinomial(zipf, data["batch_size"] * (data["block_size"] + 1), True, generator=tokens)
         batch = batch.view(data["batch_size"], data["block_size"] + 1)
-        return batch[:, :-1], batch[:, 1:]
-
-    for round_ in range(WARMUP_ROUNDS + args.rounds):
-        x, y = next_batch()
         for contender in turn[round_ % len(turn) :] + turn[: round_ % len(turn)]:
-            seconds = contender.step(x, y)
+            seconds = contender.step(batch[:, :-1], batch[:, 1:])
             if round_ >= WARMUP_ROUNDS:
                 contender.times.append(seconds)
     medians = {name: statistics.median(c.times) for name, c in contenders.items()}
@@ -176,12 +134,6 @@ def main(argv: list[str] | None = None) -> dict:
     for row in report["rows"]:
         print(f"{row['lever']:14s} {row['parameters']:>12,} parameters {row['ms_per_step']:8.1f} ms/step "
               f"{row['of_recipe']:6.3f} of the recipe's  {row['what']}")
-    if args.profile:
-        report["profile"] = profile(contenders["recipe"], [next_batch() for _ in range(args.profile)])
-        print(f"\nwhere the recipe's step spends its time ({args.profile} steps under torch.profiler):")
-        for row in report["profile"]:
-            rate = f"{row['gflop_per_s']:7.1f} GFLOP/s" if row["gflop_per_s"] else ""
-            print(f"  {row['operator'][:40]:40s} {row['ms_per_step']:8.1f} ms/step {row['share']:6.1%}  {rate}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report

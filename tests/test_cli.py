@@ -739,21 +739,6 @@ def test_step_cost_times_a_second_build_of_the_recipe_as_a_control(step_cost_scr
     assert rows["recipe_again"]["ms_per_step"] > 0
 
 
-def test_step_cost_profiles_where_the_recipes_step_spends_its_time(step_cost_script, monkeypatch, capsys):
-    monkeypatch.setattr(step_cost_script, "should_compile", lambda *args, **kwargs: False)
-    report = step_cost_script.main(["--levers", "recipe_again", "--rounds", "1", "--vocab_size", "2000",
-                                    "--profile", "2"])  # fmt: skip
-    rows = {row["operator"]: row for row in report["profile"]}
-    assert len(rows) <= 12 and sum(row["share"] for row in rows.values()) == pytest.approx(1.0)
-    # The blocks' and the head's matrix products show their rate; nothing else has one.
-    assert rows["aten::mm"]["gflop_per_s"] > 0 and rows["aten::mm"]["ms_per_step"] > 0
-    assert all(row["gflop_per_s"] is None for name, row in rows.items() if name not in step_cost_script.MATRIX_PRODUCTS)
-    assert "where the recipe's step spends its time (2 steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_:
-        step_cost_script.main(["--levers", "recipe_again", "--profile", "-1"])
-    assert exit_.value.code == 2 and "--profile at least 0" in capsys.readouterr().err
-
-
 def test_step_cost_starts_each_round_with_the_next_contender(step_cost_script, monkeypatch):
     # In a fixed order the first contender's steps time slower: every contender goes first as often.
     turns = []
