@@ -90,6 +90,11 @@ class GPTConfig:
     a shortlist token's vector is its row of the head, a tail token's is its row of its cluster's output
     matrix projected back to `n_embd` through the cluster's projection, so rare words get narrow vectors
     that learn from both ends of the model."""
+    tie_shortlist: bool = True
+    """With the tied adaptive input (`tie_weights` and the adaptive head): whether the shortlist's words (the
+    head's first `adaptive_cutoffs[0]` classes, the most frequent) read their input vectors from the head's rows.
+    False gives them an input table of their own (`transformer.shortlist`, starting as a copy of those rows),
+    so a frequent word's vector as an input and as an output can differ; the tail clusters stay tied."""
     lm_head_bias: bool = True
     """Bias on the output layer: the tutorial's `nn.Linear` head has one, GPT-2's head does not."""
     adaptive_cutoffs: tuple[int, ...] = (2000, 10000)
@@ -126,6 +131,11 @@ class GPTConfig:
         _check_literal("positional", self.positional, Positional)
         _check_literal("activation", self.activation, Activation)
         _check_literal("head", self.head, Head)
+        if not self.tie_shortlist and not (self.tie_weights and self.head == "adaptive"):
+            raise ValueError(
+                f"tie_shortlist=False gives the tied adaptive input's shortlist a table of its own, so it needs "
+                f"head='adaptive' and tie_weights=True, got head={self.head!r}, tie_weights={self.tie_weights!r}."
+            )
         _check_literal("norm", self.norm, Norm)
         if self.positional == "rotary" and self.head_size % 2:
             raise ValueError(

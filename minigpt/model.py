@@ -102,17 +102,21 @@ def _float32(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def adaptive_input_embedding(idx: Tensor, adaptive: nn.AdaptiveLogSoftmaxWithLoss) -> Tensor:
+def adaptive_input_embedding(
+    idx: Tensor, adaptive: nn.AdaptiveLogSoftmaxWithLoss, shortlist: Tensor | None = None
+) -> Tensor:
     """Adaptive input embeddings (Baevski & Auli 2019) tied with the adaptive softmax: (...) ids -> (..., C).
 
-    A shortlist token's vector is its row of the head's weight. A token of tail cluster i is its row of the
+    A shortlist token's vector is its row of the head's weight, or of `shortlist` (shortlist_size, C) when
+    given (`GPTConfig.tie_shortlist` False). A token of tail cluster i is its row of the
     cluster's output matrix (width C / div_value**(i+1)), mapped back to width C by the transpose of the
     cluster's projection. Every cluster is computed at every position and masked, which costs little at
     these widths and needs no host synchronisation (unlike selecting each cluster's rows).
     """
     short = adaptive.shortlist_size
     inside = (idx < short).unsqueeze(-1)
-    x = F.embedding(idx.clamp(max=short - 1), adaptive.head.weight[:short]) * inside
+    table = adaptive.head.weight[:short] if shortlist is None else shortlist
+    x = F.embedding(idx.clamp(max=short - 1), table) * inside
     for lo, hi, (projection, output) in zip(adaptive.cutoffs, adaptive.cutoffs[1:], adaptive.tail):
         inside = ((idx >= lo) & (idx < hi)).unsqueeze(-1)
         rows = F.embedding((idx - lo).clamp(0, hi - lo - 1), output.weight) * inside  # (..., width)
@@ -453,6 +457,8 @@ class GPT(nn.Module):
                 config.n_embd, config.vocab_size, list(config.adaptive_cutoffs_used),
                 div_value=config.adaptive_div_value, head_bias=config.lm_head_bias,
             )  # fmt: skip
+            if self.adaptive_input and not config.tie_shortlist:
+                self.transformer["shortlist"] = nn.Embedding(self.adaptive.shortlist_size, config.n_embd)
         self.apply(self._init_weights)
         if config.zero_init_proj:
             for block in blocks:
@@ -465,11 +471,20 @@ class GPT(nn.Module):
             nn.init.zeros_(self.transformer.bigram_proj.weight)
         if config.tie_weights and config.head == "linear":
             self.lm_head.weight = self.transformer.wte.weight
+        if "shortlist" in self.transformer:
+            # A copy of the head's rows: the model starts as the tied one, and the two part as they learn.
+            with torch.no_grad():
+                self.transformer.shortlist.weight.copy_(self.adaptive.head.weight[: self.adaptive.shortlist_size])
 
     @property
     def adaptive_input(self) -> bool:
         """Whether the input embedding is `adaptive_input_embedding` of the adaptive head (no `wte`)."""
         return self.config.head == "adaptive" and self.config.tie_weights
+
+    @property
+    def shortlist_weight(self) -> Tensor | None:
+        """The adaptive input's own table of the shortlist's vectors (`GPTConfig.tie_shortlist` False), or None."""
+        return self.transformer.shortlist.weight if "shortlist" in self.transformer else None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -494,14 +509,16 @@ class GPT(nn.Module):
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, shared tensors counted once; `exclude_embeddings` leaves out the input
-        embeddings (token table, bigram table and learned positions), but a token table tied to the head counts,
-        as the head."""
+        embeddings (token table, the adaptive input's own shortlist table, bigram table and learned positions),
+        but a token table tied to the head counts, as the head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             if not self.config.tie_weights:  # a tied input embedding counts as the head it is
                 n -= self.transformer.wte.weight.numel()
             if self.config.positional == "learned":
                 n -= self.transformer.wpe.weight.numel()
+            if self.shortlist_weight is not None:
+                n -= self.shortlist_weight.numel()
             if self.config.bigram_buckets:
                 n -= self.transformer.bigram.weight.numel()
         return n
@@ -577,7 +594,8 @@ class GPT(nn.Module):
         after dropout: (B, T, C). `previous` and `key_padding_mask`: see `previous_tokens`."""
         if self.adaptive_input:
             # In the blocks' dtype: a half-precision export keeps the adaptive head in float32 (see head_logits).
-            x = adaptive_input_embedding(idx, self.adaptive).to(self.transformer.h[0].attn.c_attn.weight.dtype)
+            x = adaptive_input_embedding(idx, self.adaptive, self.shortlist_weight)
+            x = x.to(self.transformer.h[0].attn.c_attn.weight.dtype)
         else:
             x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.scale_embedding:

@@ -69,6 +69,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                   "width and added to the input)", [M + "bigram_buckets", "0"]),
     "bigram_dropout0": ("no dropout on the bigram table's rows instead of 0.3", [M + "bigram_dropout", "0"]),
     "bigram_dim128": ("bigram rows of 128 features instead of 64", [M + "bigram_dim", "128"]),
+    "tied_shortlist": ("the shortlist's 1,000 words read their input vectors from the head's rows (tie_shortlist) "
+                       "instead of a table of their own", [M + "tie_shortlist", "true"]),
     "d_ff960": ("d_ff 960 instead of 640 (the MLP 6 times the width instead of 4)", [M + "d_ff", "960"]),
     "bigram16k": ("a bigram table of 16,384 rows instead of 65,536", [M + "bigram_buckets", "16384"]),
     "dropout0.1": ("dropout 0.1 in the embeddings and blocks instead of none", [M + "dropout", "0.1"]),

@@ -41,6 +41,14 @@ from minigpt.config import GPTConfig
         (dict(adaptive_cutoffs="8,16"), r"adaptive_cutoffs must be a sequence of integers, got '8,16'"),
         (dict(adaptive_div_value=0.0), r"adaptive_div_value must be > 0, got 0\.0"),
         (
+            dict(tie_shortlist=False, tie_weights=True),
+            r"tie_shortlist=False .* needs head='adaptive' and tie_weights=True, got head='linear', tie_weights=True",
+        ),
+        (
+            dict(tie_shortlist=False, head="adaptive", adaptive_cutoffs=(8,)),
+            r"needs head='adaptive' and tie_weights=True, got head='adaptive', tie_weights=False",
+        ),
+        (
             dict(head="adaptive", adaptive_cutoffs=(2000, 10000)),
             r"head='adaptive' needs at least one adaptive cutoff below vocab_size=32, "
             r"got adaptive_cutoffs=\(2000, 10000\)",

@@ -356,6 +356,9 @@ ARCHITECTURES = {
     ),
     "adaptive-head": dict(head="adaptive", adaptive_cutoffs=(8, 16)),
     "adaptive-input": dict(head="adaptive", adaptive_cutoffs=(8, 16), tie_weights=True),
+    "adaptive-input-own-shortlist": dict(
+        head="adaptive", adaptive_cutoffs=(8, 16), tie_weights=True, tie_shortlist=False
+    ),
     "rotary-bigram": dict(positional="rotary", norm="rmsnorm", norm_first=True, bigram_buckets=40, bigram_dim=8),
 }  # fmt: skip
 

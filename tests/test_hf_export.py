@@ -64,6 +64,10 @@ GRID = {
                             layer_norm_eps=1e-6, lm_head_bias=False),
     "gpt2-like": dict(positional="learned", norm_first=True, activation="gelu_tanh", tie_weights=True,
                       lm_head_bias=False, scale_embedding=False),
+    # configs/imdb.yaml's options: the adaptive input with a shortlist table of its own, rotary, the bigram table
+    "own-shortlist": dict(positional="rotary", norm="rmsnorm", activation="relu2", qk_norm=True, bias=False,
+                          norm_first=True, head="adaptive", adaptive_cutoffs=(16, 32), adaptive_div_value=2.0,
+                          tie_weights=True, tie_shortlist=False, bigram_buckets=40, bigram_dim=8),
 }  # fmt: skip
 
 # A value other than the default for every GPTConfig field (and what it needs to be valid). A field added to
@@ -88,6 +92,7 @@ ALTERNATIVES = {
     "layer_norm_eps": (1e-3, {}),
     "head": ("adaptive", {"adaptive_cutoffs": (20,)}),
     "tie_weights": (True, {}),
+    "tie_shortlist": (False, {"head": "adaptive", "adaptive_cutoffs": (20,), "tie_weights": True}),
     "lm_head_bias": (False, {}),
     "adaptive_cutoffs": ((10, 30), {"head": "adaptive"}),
     "adaptive_div_value": (2.0, {"head": "adaptive", "adaptive_cutoffs": (20,)}),

@@ -58,6 +58,8 @@ def make_model(**overrides) -> GPT:
     model = GPT(GPTConfig.tiny(**overrides)).eval()
     if model.config.bigram_buckets:  # its projection starts at zero, which would hide the table from every test
         torch.nn.init.normal_(model.transformer.bigram_proj.weight, std=0.5)
+    if model.shortlist_weight is not None:  # a copy of the head's rows at init would hide which one is read
+        torch.nn.init.normal_(model.shortlist_weight, std=0.5)
     return model
 
 
@@ -97,6 +99,7 @@ ARCHITECTURES = [
     pytest.param(MODERN, id="rotary-rmsnorm-relu2-qknorm"),
     pytest.param(dict(MODERN, activation="swiglu", norm_first=False, bias=True, head="linear"), id="rotary-swiglu"),
     pytest.param(dict(MODERN, bigram_buckets=40, bigram_dim=8), id="modern-bigram"),
+    pytest.param(dict(MODERN, tie_shortlist=False), id="modern-own-shortlist"),
     pytest.param(dict(positional="learned", norm_first=True, bigram_buckets=40, bigram_dim=8), id="learned-bigram"),
 ]
 
@@ -407,6 +410,40 @@ def test_adaptive_input_embedding_is_tied_to_the_adaptive_head():
     grad_tail, grad_head = torch.autograd.grad(x[0, 3].sum(), [tail1[1].weight, head.weight])
     assert grad_tail[11].abs().sum() > 0 and grad_tail[:11].abs().sum() == 0 and grad_tail[12:].abs().sum() == 0
     assert grad_head.abs().sum() == 0
+
+
+def test_own_shortlist_table_starts_as_the_heads_rows_and_learns_apart_from_them():
+    model = make_model(head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, tie_shortlist=False, n_embd=32)
+    tied = make_model(head="adaptive", adaptive_cutoffs=(8, 20), tie_weights=True, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(model.config)  # as built, without make_model's perturbation
+    head, table = model.adaptive.head.weight, model.transformer.shortlist.weight
+    assert table.shape == (8, 32) and table.data_ptr() != head.data_ptr()
+    assert model.num_parameters() == tied.num_parameters() + 8 * 32
+    assert model.num_parameters(exclude_embeddings=True) == tied.num_parameters(exclude_embeddings=True)
+    idx = torch.tensor([[0, 7, 8, 19, 20, 31]])
+    # At init the table is a copy of the head's rows: the model computes what the tied one computes.
+    torch.testing.assert_close(table, head[:8], atol=0, rtol=0)
+    x = adaptive_input_embedding(idx, model.adaptive, table)
+    torch.testing.assert_close(x, adaptive_input_embedding(idx, model.adaptive), atol=0, rtol=0)
+    # A shortlist token's input gradient reaches its row of the table, not the head; tail tokens stay tied.
+    grad_table, grad_head = torch.autograd.grad(x[0, 1].sum(), [table, head], allow_unused=True)
+    assert grad_table[7].abs().sum() > 0 and grad_table[:7].abs().sum() == 0 and grad_head is None
+    tail_output = model.adaptive.tail[0][1].weight
+    (grad_tail,) = torch.autograd.grad(x[0, 3].sum(), [tail_output])
+    assert grad_tail[11].abs().sum() > 0
+    # After training the two copies differ, and the model reads its inputs from the table.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch, targets = random_ids(32, 4, 16, seed=3), random_ids(32, 4, 16, seed=4)
+    for _ in range(5):
+        opt.zero_grad()
+        model.loss(batch, targets).backward()
+        opt.step()
+    assert not torch.equal(table, head[:8])
+    with torch.no_grad():
+        before = model.eval()(idx)
+        table.add_(1.0)
+        assert not torch.equal(model(idx), before)
 
 
 def test_adaptive_input_model_trains_and_reloads(tmp_path):

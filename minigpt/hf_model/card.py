@@ -168,7 +168,10 @@ def _head(model: GPT) -> str:
         tied = "tied to the token embedding" if c.tie_weights else "untied"
         return f"linear, {tied}, {'with' if c.lm_head_bias else 'no'} bias"
     clusters = ", ".join(str(x) for x in c.adaptive_cutoffs_used)
-    tied = "; the input embedding is computed from it (adaptive input)" if c.tie_weights else ""
+    tied = ""
+    if c.tie_weights:
+        own = ", except the shortlist's words, which have an input table of their own" if not c.tie_shortlist else ""
+        tied = f"; the input embedding is computed from it (adaptive input{own})"
     softmax = f"adaptive softmax (cutoffs {clusters}, div_value {c.adaptive_div_value})"
     return f"{softmax}{tied}; logits are log-probabilities"
 

@@ -181,7 +181,7 @@ def _embed(model: GPT, idx: Tensor, position: int | Tensor, previous: Tensor | N
     A position shared by every row reads its row of a position table as a view, with no index op."""
     config, transformer = model.config, model.transformer
     if model.adaptive_input:
-        x = adaptive_input_embedding(idx, model.adaptive)
+        x = adaptive_input_embedding(idx, model.adaptive, model.shortlist_weight)
     else:
         x = F.embedding(idx, transformer.wte.weight)
     if config.scale_embedding:
