@@ -357,7 +357,7 @@ class LitMiniGPT(pl.LightningModule):
                     "model.optimizer muon orthogonalises whole weight matrices, which a sharding strategy "
                     "splits across processes; use --trainer.strategy ddp or --model.optimizer adamw"
                 )
-            muon = hidden_matrices(self.model.transformer.h) if hp.optimizer == "muon" else []
+            muon = hidden_matrices(self.model) if hp.optimizer == "muon" else []
             taken = {id(p) for p in muon}
             rest = [p for p in self.parameters() if p.requires_grad and id(p) not in taken]
             matrices = [p for p in rest if p.dim() >= 2]

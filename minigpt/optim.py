@@ -157,6 +157,10 @@ def _lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     return 0.2 * math.sqrt(max(A, B)) if adjust_lr_fn == "match_rms_adamw" else 1.0
 
 
-def hidden_matrices(blocks: nn.Module) -> list[Tensor]:
-    """The 2-D weights inside the Transformer ``blocks`` (attention and MLP matrices): Muon's share."""
-    return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
+def hidden_matrices(model: nn.Module) -> list[Tensor]:
+    """Muon's share of a `GPT`: the 2-D weights that map hidden features, the Transformer blocks' attention
+    and MLP matrices and the bigram table's projection (no embedding table, no head)."""
+    matrices = list(model.transformer.h.parameters())
+    if "bigram_proj" in model.transformer:
+        matrices.append(model.transformer.bigram_proj.weight)
+    return [p for p in matrices if p.requires_grad and p.dim() == 2]

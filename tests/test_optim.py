@@ -18,7 +18,7 @@ def model_and_batch(seed=0):
 
 
 def split(model):
-    muon = hidden_matrices(model.transformer.h)
+    muon = hidden_matrices(model)
     taken = {id(p) for p in muon}
     rest = [p for p in model.parameters() if id(p) not in taken]
     return muon, [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
@@ -42,7 +42,7 @@ def train(model, opt, x, y, steps, scheduler=None):
 
 def test_muon_takes_exactly_the_blocks_weight_matrices():
     model, _, _ = model_and_batch()
-    muon = hidden_matrices(model.transformer.h)
+    muon = hidden_matrices(model)
     names = {n for n, p in model.named_parameters() if any(p is q for q in muon)}
     expected = {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     assert names == expected and all(".attn." in n or ".mlp." in n for n in names)
@@ -160,9 +160,22 @@ def test_lit_module_builds_muon_with_adamw_for_the_rest():
     assert (opt.muon.param_groups[0]["momentum"], opt.muon.param_groups[0]["ns_steps"]) == (0.9, 3)
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
-    assert muon == {id(p) for p in hidden_matrices(lit.model.transformer.h)}
+    assert muon == {id(p) for p in hidden_matrices(lit.model)}
     assert muon.isdisjoint(adamw) and muon | adamw == {id(p) for p in lit.parameters()}
     assert [g["weight_decay"] for g in opt.adamw.param_groups] == [0.1, 0.0]
+
+
+def test_muons_share_is_the_blocks_matrices_and_the_bigram_projection():
+    cfg = GPTConfig.tiny(vocab_size=50, block_size=8, bigram_buckets=16, bigram_dim=4, n_layer=2)
+    model = LitMiniGPT(cfg).model
+    share = {id(p) for p in hidden_matrices(model)}
+    blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+    assert share == blocks | {id(model.transformer.bigram_proj.weight)}
+    assert id(model.transformer.bigram.weight) not in share  # a table of rows, not a map of features
+    without = LitMiniGPT(GPTConfig.tiny(vocab_size=50, block_size=8)).model
+    assert {id(p) for p in hidden_matrices(without)} == {
+        id(p) for p in without.transformer.h.parameters() if p.dim() == 2
+    }
 
 
 def test_adamw_lr_sets_the_adamw_half_and_the_schedule_scales_both():
