@@ -131,12 +131,12 @@ class GPTConfig:
         _check_literal("positional", self.positional, Positional)
         _check_literal("activation", self.activation, Activation)
         _check_literal("head", self.head, Head)
+        _check_literal("norm", self.norm, Norm)
         if not self.tie_shortlist and not (self.tie_weights and self.head == "adaptive"):
             raise ValueError(
                 f"tie_shortlist=False gives the tied adaptive input's shortlist a table of its own, so it needs "
                 f"head='adaptive' and tie_weights=True, got head={self.head!r}, tie_weights={self.tie_weights!r}."
             )
-        _check_literal("norm", self.norm, Norm)
         if self.positional == "rotary" and self.head_size % 2:
             raise ValueError(
                 f"positional='rotary' rotates pairs of features, so n_embd // n_head must be even, got "

@@ -108,10 +108,10 @@ def adaptive_input_embedding(
     """Adaptive input embeddings (Baevski & Auli 2019) tied with the adaptive softmax: (...) ids -> (..., C).
 
     A shortlist token's vector is its row of the head's weight, or of `shortlist` (shortlist_size, C) when
-    given (`GPTConfig.tie_shortlist` False). A token of tail cluster i is its row of the
-    cluster's output matrix (width C / div_value**(i+1)), mapped back to width C by the transpose of the
-    cluster's projection. Every cluster is computed at every position and masked, which costs little at
-    these widths and needs no host synchronisation (unlike selecting each cluster's rows).
+    given (`GPTConfig.tie_shortlist` False). A token of tail cluster i is its row of the cluster's output
+    matrix (width C / div_value**(i+1)), mapped back to width C by the transpose of the cluster's projection.
+    Every cluster is computed at every position and masked, which costs little at these widths and needs no
+    host synchronisation (unlike selecting each cluster's rows).
     """
     short = adaptive.shortlist_size
     inside = (idx < short).unsqueeze(-1)
@@ -474,7 +474,7 @@ class GPT(nn.Module):
         if "shortlist" in self.transformer:
             # A copy of the head's rows: the model starts as the tied one, and the two part as they learn.
             with torch.no_grad():
-                self.transformer.shortlist.weight.copy_(self.adaptive.head.weight[: self.adaptive.shortlist_size])
+                self.shortlist_weight.copy_(self.adaptive.head.weight[: self.adaptive.shortlist_size])
 
     @property
     def adaptive_input(self) -> bool:
