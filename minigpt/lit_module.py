@@ -23,7 +23,7 @@ from minigpt.config import GPTConfig
 from minigpt.errors import UserError
 from minigpt.hardware import can_compile
 from minigpt.model import GPT, LossKernel
-from minigpt.optim import MuonWithAdamW, hidden_matrices
+from minigpt.optim import MuonWithAdamW, fused_qkv, hidden_matrices
 from minigpt.tokenizer import IGNORE_INDEX, Vocab, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,7 @@ class LitMiniGPT(pl.LightningModule):
                 opt = MuonWithAdamW(
                     muon, groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
                     momentum=hp.muon_momentum, ns_steps=hp.muon_ns_steps, fused=self._fused_optimizer(),
+                    qkv=fused_qkv(self.model),
                 )  # fmt: skip
             else:
                 opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_optimizer())

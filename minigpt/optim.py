@@ -39,6 +39,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         ns_steps: int = 5,
         fused: bool | None = None,
         ns_dtype: torch.dtype | None = None,
+        qkv: Iterable[Tensor] = (),
     ):
         """
         Args:
@@ -52,6 +53,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             fused: AdamW's ``fused``.
             ns_dtype: the dtype of the Newton-Schulz iteration: ``torch.bfloat16`` (``torch.optim.Muon``'s own) or
                 ``torch.float32``; None picks bfloat16 where the matrices' device computes it natively, else float32.
+            qkv: those of ``muon_params`` that stack an attention's query, key and value maps by rows (GPT's fused
+                ``c_attn``); each of the three is orthogonalised on its own (`fused_qkv`).
         """
         self.muon = torch.optim.Muon(
             muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
@@ -64,6 +67,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if ns_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"ns_dtype must be torch.bfloat16 or torch.float32, got {ns_dtype}.")
         self.ns_dtype = ns_dtype
+        muon_ids = {id(p) for g in self.muon.param_groups for p in g["params"]}
+        self._qkv = {id(p) for p in qkv}
+        if not self._qkv <= muon_ids:
+            raise ValueError("every qkv matrix must be one of muon_params.")
         self._n_muon_groups = len(self.muon.param_groups)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
         # Set after the groups exist, so Muon's groups do not get the key: callers read defaults["fused"]
@@ -88,7 +95,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is None and self.ns_dtype == torch.bfloat16:
+        if found_inf is None and self.ns_dtype == torch.bfloat16 and not self._qkv:
             self.muon.step()
         else:
             self._muon_step_unless(None if found_inf is None else found_inf.bool())
@@ -118,10 +125,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 new_buf = buf.lerp(grad, 1 - momentum)
                 update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-                update = _orthogonalize(
-                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
-                )  # fmt: skip
-                new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], p.shape))
+                # A fused q/k/v matrix is three maps: each is orthogonalised, and its step sized, as a matrix
+                # of its own, as if the model held three (what torch.optim.Muon does with each matrix it has).
+                maps = update.chunk(3) if id(p) in self._qkv else (update,)
+                ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                update = torch.cat([_orthogonalize(m, *ns) for m in maps])
+                new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], maps[0].shape))
                 if skip is None:
                     buf.copy_(new_buf)
                     p.copy_(new_p)
@@ -159,8 +168,19 @@ def _lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
 
 def hidden_matrices(model: nn.Module) -> list[Tensor]:
     """Muon's share of a `GPT`: the 2-D weights that map hidden features, the Transformer blocks' attention
-    and MLP matrices and the bigram table's projection (no embedding table, no head)."""
+    and MLP matrices, the bigram table's projection and the adaptive softmax's cluster projections (which the
+    tied adaptive input reads too); no table of rows (embeddings, the head's and the clusters' word vectors)."""
     matrices = list(model.transformer.h.parameters())
     if "bigram_proj" in model.transformer:
         matrices.append(model.transformer.bigram_proj.weight)
+    if getattr(model, "adaptive", None) is not None:
+        matrices += [projection.weight for projection, _ in model.adaptive.tail]
     return [p for p in matrices if p.requires_grad and p.dim() == 2]
+
+
+def fused_qkv(model: nn.Module) -> list[Tensor]:
+    """The attention layers' fused query/key/value matrices of a `GPT` (``c_attn``, rows [q; k; v]).
+
+    They are three maps that share one matrix for speed; Muon orthogonalises each on its own
+    (`MuonWithAdamW`'s ``qkv``), as Muon's authors advise for q, k and v, rather than the three as one map."""
+    return [block.attn.c_attn.weight for block in model.transformer.h if block.attn.c_attn.weight.requires_grad]

@@ -7,7 +7,7 @@ from minigpt import optim
 from minigpt.config import GPTConfig
 from minigpt.lit_module import LitMiniGPT
 from minigpt.model import GPT
-from minigpt.optim import MuonWithAdamW, hidden_matrices
+from minigpt.optim import MuonWithAdamW, fused_qkv, hidden_matrices
 
 
 def model_and_batch(seed=0):
@@ -73,6 +73,37 @@ def test_steps_like_muon_and_adamw_side_by_side(found_inf):
     for p, q in zip(opt.muon.param_groups[0]["params"], parts[0].param_groups[0]["params"]):
         assert torch.equal(opt.state[p]["momentum_buffer"], parts[0].state[q]["momentum_buffer"])
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # every weight learned
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_a_fused_qkv_matrix_steps_as_its_three_maps_would_on_their_own(ns_dtype):
+    # In bfloat16 the three separate maps step through torch.optim.Muon itself: the fused matrix's
+    # step is Muon's on q, k and v, bit for bit, and not Muon's on the stack of the three.
+    torch.manual_seed(0)
+    start, grads = torch.randn(3 * 8, 8), [torch.randn(3 * 8, 8) for _ in range(3)]
+    fused, whole = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    maps = [torch.nn.Parameter(m.clone()) for m in start.chunk(3)]
+
+    def opt(params, **kwargs):
+        spare = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]  # AdamW's half, left without gradients
+        return MuonWithAdamW(params, spare, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), ns_dtype=ns_dtype, **kwargs)
+
+    opts = [opt([fused], qkv=[fused]), opt(maps), opt([whole])]
+    for grad in grads:
+        fused.grad, whole.grad = grad.clone(), grad.clone()
+        for m, g in zip(maps, grad.chunk(3)):
+            m.grad = g.clone()
+        for o in opts:
+            o.step()
+    assert torch.equal(fused, torch.cat(maps))
+    assert not torch.allclose(fused, whole, atol=1e-3) and not torch.equal(fused, start)
+
+
+def test_qkv_must_be_among_muons_matrices():
+    model, _, _ = model_and_batch()
+    muon, groups = split(model)
+    with pytest.raises(ValueError, match="every qkv matrix must be one of muon_params"):
+        MuonWithAdamW(muon[1:], groups, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), qkv=[muon[0]])
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -161,6 +192,8 @@ def test_lit_module_builds_muon_with_adamw_for_the_rest():
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert muon == {id(p) for p in hidden_matrices(lit.model)}
+    c_attn = {id(block.attn.c_attn.weight) for block in lit.model.transformer.h}
+    assert opt._qkv == {id(p) for p in fused_qkv(lit.model)} == c_attn
     assert muon.isdisjoint(adamw) and muon | adamw == {id(p) for p in lit.parameters()}
     assert [g["weight_decay"] for g in opt.adamw.param_groups] == [0.1, 0.0]
 
@@ -176,6 +209,19 @@ def test_muons_share_is_the_blocks_matrices_and_the_bigram_projection():
     assert {id(p) for p in hidden_matrices(without)} == {
         id(p) for p in without.transformer.h.parameters() if p.dim() == 2
     }
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_muons_share_takes_the_adaptive_clusters_projections_not_their_word_vectors(tie_weights):
+    adaptive = {"head": "adaptive", "adaptive_cutoffs": [10, 30], "tie_weights": tie_weights}
+    cfg = GPTConfig.tiny(vocab_size=50, block_size=8, **adaptive)
+    model = LitMiniGPT(cfg).model
+    share = {id(p) for p in hidden_matrices(model)}
+    blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+    projections = {id(projection.weight) for projection, _ in model.adaptive.tail}
+    assert len(projections) == 2 and share == blocks | projections
+    rows = [model.adaptive.head.weight] + [output.weight for _, output in model.adaptive.tail]
+    assert all(id(p) not in share for p in rows)
 
 
 def test_adamw_lr_sets_the_adamw_half_and_the_schedule_scales_both():
