@@ -153,6 +153,12 @@ SUBSTITUTED = {
         ("minigpt fit --data", f"minigpt fit --config {TINY} --data"),
         ("--seed_everything 42", "--seed_everything 42 --trainer.max_steps 3"),
     ],
+    "minigpt fit --data.archive aclImdb_v1.tar.gz --seed_everything 42 --trainer.max_time null "
+    "--trainer.max_steps 1500\n"
+    "minigpt evaluate --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --split val --max_docs 1000": [
+        ("minigpt fit --data", f"minigpt fit --config {TINY} --data"),
+        ("--trainer.max_steps 1500", "--trainer.max_steps 3"),
+    ],
     # docs/huggingface.md: the tiny GPT-2 of the workspace, two steps of fine-tuning
     "minigpt convert --from_hf gpt2 --out gpt2.ckpt\n"
     'minigpt compare --ckpt_path gpt2.ckpt --hf_model gpt2 --prompt "the movie was" --text_file reviews.txt\n'
