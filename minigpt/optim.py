@@ -125,12 +125,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 new_buf = buf.lerp(grad, 1 - momentum)
                 update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-                # A fused q/k/v matrix is three maps: each is orthogonalised, and its step sized, as a matrix
-                # of its own, as if the model held three (what torch.optim.Muon does with each matrix it has).
-                maps = update.chunk(3) if id(p) in self._qkv else (update,)
                 ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
-                update = torch.cat([_orthogonalize(m, *ns) for m in maps])
-                new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], maps[0].shape))
+                shape = p.shape
+                if id(p) in self._qkv:
+                    # Three maps: each is orthogonalised, and its step sized, as a matrix of its own, as if the
+                    # model held three (what torch.optim.Muon does with each matrix it has).
+                    maps = update.chunk(3)
+                    update, shape = torch.cat([_orthogonalize(m, *ns) for m in maps]), maps[0].shape
+                else:
+                    update = _orthogonalize(update, *ns)
+                new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], shape))
                 if skip is None:
                     buf.copy_(new_buf)
                     p.copy_(new_p)
