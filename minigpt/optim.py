@@ -95,10 +95,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is None and self.ns_dtype == torch.bfloat16 and not self._qkv:
-            self.muon.step()
-        else:
-            self._muon_step_unless(None if found_inf is None else found_inf.bool())
+        self._muon_step_unless(None if found_inf is None else found_inf.bool())
         self.adamw.found_inf = found_inf
         self.adamw.step()
         return loss
@@ -110,37 +107,66 @@ class MuonWithAdamW(torch.optim.Optimizer):
         Fused AdamW skips its update while `found_inf` is non-zero without a host read; Muon has no
         `found_inf` and updates each matrix and its momentum in place, so putting a skipped step back would
         need a copy of every matrix and momentum on every step. Instead each matrix's new momentum and
-        weights are computed beside the old ones, with Muon's operations in Muon's order (a finite step is
-        `torch.optim.Muon`'s, bit for bit: tests/test_optim.py holds them equal), and `torch.where` writes
-        the new or the old values back on the device.
+        weights are computed beside the old ones, with Muon's operations in Muon's order, and `torch.where`
+        writes the new or the old values back on the device. The matrices of one shape are orthogonalised as
+        one batch (`_orthogonalize_all`); a finite step is `torch.optim.Muon`'s, bit for bit, where the CPU's
+        batched matrix products compute each matrix as its single product does (tests/test_optim.py holds
+        them equal).
         """
         for group in self.muon.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], 1 - group["lr"] * group["weight_decay"]
+            stepped, maps = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 grad, state = p.grad, self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                new_buf = buf.lerp(grad, 1 - momentum)
+                new_buf = state["momentum_buffer"].lerp(grad, 1 - momentum)
                 update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-                ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
-                shape = p.shape
-                if id(p) in self._qkv:
-                    # Three maps: each is orthogonalised, and its step sized, as a matrix of its own, as if the
-                    # model held three (what torch.optim.Muon does with each matrix it has).
-                    maps = update.chunk(3)
-                    update, shape = torch.cat([_orthogonalize(m, *ns) for m in maps]), maps[0].shape
-                else:
-                    update = _orthogonalize(update, *ns)
-                new_p = p.mul(decay).add_(update, alpha=-lr * _lr_ratio(group["adjust_lr_fn"], shape))
+                # A fused q/k/v matrix is three maps: each is orthogonalised, and its step sized, as a matrix
+                # of its own, as if the model held three (what torch.optim.Muon does with each matrix it has).
+                parts = update.chunk(3) if id(p) in self._qkv else (update,)
+                stepped.append((p, new_buf, len(parts)))
+                maps += parts
+            ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+            orthogonal = iter(_orthogonalize_all(maps, *ns))
+            for p, new_buf, n in stepped:
+                parts = [next(orthogonal) for _ in range(n)]
+                update = parts[0] if n == 1 else torch.cat(parts)
+                ratio = _lr_ratio(group["adjust_lr_fn"], parts[0].shape)
+                new_p = p.mul(decay).add_(update, alpha=-lr * ratio)
+                buf = self.state[p]["momentum_buffer"]
                 if skip is None:
                     buf.copy_(new_buf)
                     p.copy_(new_p)
                 else:
                     torch.where(skip, buf, new_buf, out=buf)
                     torch.where(skip, p, new_p, out=p)
+
+
+def _orthogonalize_all(
+    matrices: list[Tensor], coefficients: tuple[float, float, float], steps: int, eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[Tensor]:
+    """`_orthogonalize` of each of `matrices` (2-D), in their order: the matrices of one shape go through the
+    iteration together, as one batch of matrix products. A Transformer holds several matrices of each shape,
+    and a batched product of small matrices costs much less than as many single products (one call, one
+    pass over the CPU's threads), while computing each matrix's product as a single product does."""
+    out: list[Tensor | None] = [None] * len(matrices)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(matrices):
+        by_shape.setdefault(tuple(sorted(m.shape)), []).append(i)
+    for indices in by_shape.values():
+        if len(indices) == 1:
+            out[indices[0]] = _orthogonalize(matrices[indices[0]], coefficients, steps, eps, dtype)
+            continue
+        # Each matrix is normalised on its own, as `_orthogonalize` does: a batched norm may sum in another order.
+        x = torch.stack([_normalized(matrices[i], eps, dtype) for i in indices])
+        x = _newton_schulz(x, coefficients, steps)
+        for i, y in zip(indices, x.unbind()):
+            out[i] = y.mT if matrices[i].size(0) > matrices[i].size(1) else y
+    return out
 
 
 def _orthogonalize(
@@ -150,16 +176,27 @@ def _orthogonalize(
     the iteration of `torch.optim.Muon` (Jordan et al., 2024), written out here because
     `MuonWithAdamW._muon_step_unless` needs Muon's update without Muon's in-place writes, and in float32
     where bfloat16 is emulated."""
-    a, b, c = coefficients
-    tall = m.size(0) > m.size(1)
+    x = _newton_schulz(_normalized(m, eps, dtype), coefficients, steps)
+    return x.T if m.size(0) > m.size(1) else x
+
+
+def _normalized(m: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """`m` in `dtype`, wide (transposed where it has more rows than columns), scaled to a spectral norm of at
+    most 1 by its Frobenius norm: where Muon's iteration starts."""
     x = m.to(dtype)
-    if tall:
+    if m.size(0) > m.size(1):
         x = x.T
-    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    return x.div_(x.norm().clamp(min=eps))
+
+
+def _newton_schulz(x: Tensor, coefficients: tuple[float, float, float], steps: int) -> Tensor:
+    """Muon's quintic iteration on a wide matrix `x`, or on a batch of them (3-D)."""
+    a, b, c = coefficients
+    mm = torch.baddbmm if x.dim() == 3 else torch.addmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
 
 
 def _lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:

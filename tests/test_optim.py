@@ -79,6 +79,7 @@ def test_steps_like_muon_and_adamw_side_by_side(found_inf):
 def test_a_fused_qkv_matrix_steps_as_its_three_maps_would_on_their_own(ns_dtype):
     # In bfloat16 the three separate maps step through torch.optim.Muon itself: the fused matrix's
     # step is Muon's on q, k and v, bit for bit, and not Muon's on the stack of the three.
+    # In float32 they step through MuonWithAdamW, as three matrices of their own.
     torch.manual_seed(0)
     start, grads = torch.randn(3 * 8, 8), [torch.randn(3 * 8, 8) for _ in range(3)]
     fused, whole = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
@@ -88,7 +89,11 @@ def test_a_fused_qkv_matrix_steps_as_its_three_maps_would_on_their_own(ns_dtype)
         spare = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]  # AdamW's half, left without gradients
         return MuonWithAdamW(params, spare, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), ns_dtype=ns_dtype, **kwargs)
 
-    opts = [opt([fused], qkv=[fused]), opt(maps), opt([whole])]
+    if ns_dtype == torch.bfloat16:
+        apart = torch.optim.Muon(maps, lr=1e-2, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    else:
+        apart = opt(maps)
+    opts = [opt([fused], qkv=[fused]), apart, opt([whole])]
     for grad in grads:
         fused.grad, whole.grad = grad.clone(), grad.clone()
         for m, g in zip(maps, grad.chunk(3)):
@@ -97,6 +102,27 @@ def test_a_fused_qkv_matrix_steps_as_its_three_maps_would_on_their_own(ns_dtype)
             o.step()
     assert torch.equal(fused, torch.cat(maps))
     assert not torch.allclose(fused, whole, atol=1e-3) and not torch.equal(fused, start)
+
+
+def test_matrices_of_one_shape_are_orthogonalised_together_as_each_would_be_alone():
+    # Square, wide and tall (a tall matrix is iterated transposed, so it shares a batch with its wide
+    # transpose's shape), a shape seen once, in mixed order: each result is the single matrix's, bit for bit
+    # in bfloat16 (Muon's own). In float32 a single matrix's products alone do not repeat bit for bit (MKL's
+    # float32 kernels round by the buffers' memory alignment), so there they agree to float32's rounding.
+    torch.manual_seed(0)
+    shapes = [(8, 8), (8, 24), (24, 8), (8, 8), (6, 8), (8, 24), (8, 8)]
+    matrices = [torch.randn(*shape) for shape in shapes]
+    ns = (3.4445, -4.775, 2.0315), 5, 1e-7
+    for dtype in (torch.bfloat16, torch.float32):
+        together = optim._orthogonalize_all(matrices, *ns, dtype)
+        for m, t in zip(matrices, together):
+            alone = optim._orthogonalize(m, *ns, dtype)
+            assert t.shape == m.shape and t.dtype == dtype
+            if dtype == torch.bfloat16:
+                assert torch.equal(t, alone)
+            else:
+                torch.testing.assert_close(t, alone, atol=1e-5, rtol=0)
+        assert not torch.allclose(together[0], together[3], atol=1e-2)  # its own result, not a neighbour's
 
 
 def test_qkv_must_be_among_muons_matrices():
