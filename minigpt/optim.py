@@ -8,7 +8,10 @@ update (Moonlight), so both halves share one learning rate and one schedule.
 
 Lightning's automatic optimisation steps one optimizer, so ``MuonWithAdamW`` holds the two and shares
 their parameter groups and state: a scheduler that writes ``group["lr"]`` drives both, and the usual
-``state_dict`` / ``load_state_dict`` save and resume both.
+``state_dict`` / ``load_state_dict`` save and resume both. Muon's half keeps ``torch.optim.Muon``'s groups,
+defaults and state, and steps through minigpt's own copy of its step: one that a non-finite gradient can
+skip on the device, that orthogonalises a fused q/k/v matrix's three maps apart, and that runs the matrices
+of one shape through the iteration as one batch.
 
 ``torch.optim.Muon`` runs its Newton-Schulz iteration in bfloat16, which a CPU without bfloat16
 instructions emulates many times slower than float32 (`minigpt.hardware.native_bf16`). There the iteration
@@ -127,16 +130,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 # A fused q/k/v matrix is three maps: each is orthogonalised, and its step sized, as a matrix
                 # of its own, as if the model held three (what torch.optim.Muon does with each matrix it has).
                 parts = update.chunk(3) if id(p) in self._qkv else (update,)
-                stepped.append((p, new_buf, len(parts)))
+                stepped.append((p, state["momentum_buffer"], new_buf, len(parts)))
                 maps += parts
             ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
             orthogonal = iter(_orthogonalize_all(maps, *ns))
-            for p, new_buf, n in stepped:
+            for p, buf, new_buf, n in stepped:
                 parts = [next(orthogonal) for _ in range(n)]
                 update = parts[0] if n == 1 else torch.cat(parts)
                 ratio = _lr_ratio(group["adjust_lr_fn"], parts[0].shape)
                 new_p = p.mul(decay).add_(update, alpha=-lr * ratio)
-                buf = self.state[p]["momentum_buffer"]
                 if skip is None:
                     buf.copy_(new_buf)
                     p.copy_(new_p)
@@ -174,8 +176,8 @@ def _orthogonalize(
 ) -> Tensor:
     """Muon's quintic Newton-Schulz iteration towards the nearest orthogonal matrix of `m` (2-D), in `dtype`:
     the iteration of `torch.optim.Muon` (Jordan et al., 2024), written out here because
-    `MuonWithAdamW._muon_step_unless` needs Muon's update without Muon's in-place writes, and in float32
-    where bfloat16 is emulated."""
+    `MuonWithAdamW._muon_step_unless` needs Muon's update without Muon's in-place writes, in float32 where
+    bfloat16 is emulated, and in batches (`_orthogonalize_all`)."""
     x = _newton_schulz(_normalized(m, eps, dtype), coefficients, steps)
     return x.T if m.size(0) > m.size(1) else x
 
